@@ -1,0 +1,19 @@
+"""dinotxt-fast: fused kernels and a state-dict-compatible DINO.txt model (DINOv2/DINOv3 + text tower).
+
+    import dinotxt_fast as dtf
+    model = dtf.create_model("dinov2_vitl14_reg4_dinotxt")
+    model.load_official(backbone=..., vision_head=..., text_encoder=...)
+    ids = dtf.tokenize(["a photo of a dog."])
+"""
+from . import ops
+from .inference import IMAGENET_TEMPLATES, ZeroShotClassifier, segment
+from .models.config import PRESETS, DinoTxtConfig
+from .models.dinotxt import DinoTxt, create_model
+from .models.tokenizer import tokenize
+from .ops import backends
+from .version import __version__
+
+__all__ = [
+    "__version__", "ops", "backends", "create_model", "DinoTxt", "DinoTxtConfig", "PRESETS", "tokenize",
+    "ZeroShotClassifier", "IMAGENET_TEMPLATES", "segment",
+]

@@ -1,0 +1,154 @@
+"""Transformer building blocks shared by the ViT backbones, the vision head and the text tower.
+
+Parameter names follow the official DINOv2 / DINOv3 / DINO.txt modules so their checkpoints load by name.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# Imported as a module and looked up at call time, so a later change of the dispatch is picked up.
+from dinotxt_fast import ops
+
+__all__ = [
+    "Attention",
+    "LayerScale",
+    "Mlp",
+    "SwiGLUFFN",
+    "apply_rope",
+    "drop_add_residual_stochastic_depth",
+]
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    # [x0 x1 x2 x3 x4 x5] -> [-x3 -x4 -x5 x0 x1 x2], as in dinov3/layers/attention.py
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(q: Tensor, k: Tensor, rope: Tuple[Tensor, Tensor]) -> Tuple[Tensor, Tensor]:
+    """Rotate the LAST P tokens of q and k ([B, N, H, Dh]) by `rope` = (sin, cos), each [P, Dh].
+
+    Tokens before them (cls, registers) are left as they are. The rotation runs in the dtype of the tables
+    and the result is cast back, with the same operations (and so the same rounding) as the official DINOv3
+    `SelfAttention.apply_rope`.
+    """
+    sin, cos = rope
+    n, p = q.shape[1], sin.shape[0]
+    if sin.shape != cos.shape or sin.dim() != 2 or sin.shape[1] != q.shape[-1] or p > n:
+        raise ValueError(f"rope tables must be (sin, cos) of shape [P<={n}, {q.shape[-1]}], got "
+                         f"{tuple(sin.shape)} and {tuple(cos.shape)}")
+    prefix = n - p
+    sin, cos = sin[:, None, :], cos[:, None, :]  # broadcast over heads
+
+    def rotate(x: Tensor) -> Tensor:
+        x32 = x.to(sin.dtype)
+        rotated = (x32[:, prefix:] * cos) + (_rotate_half(x32[:, prefix:]) * sin)
+        return torch.cat((x32[:, :prefix], rotated), dim=1).to(x.dtype)
+
+    return rotate(q), rotate(k)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection, computed by `dinotxt_fast.ops.attention`.
+
+    `mask_k_bias` (DINOv3): the qkv bias has a key third that is always zero. Official checkpoints store it
+    with a `bias_mask` buffer; the backbone loader folds that mask into the bias, so no mask exists here.
+    """
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, proj_bias: bool = True,
+                 causal: bool = False, mask_k_bias: bool = False) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"attention dim {dim} is not divisible by num_heads {num_heads}")
+        if mask_k_bias and not qkv_bias:
+            raise ValueError("mask_k_bias=True needs qkv_bias=True (it masks the key third of that bias)")
+        self.dim = dim
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.causal = causal
+        self.mask_k_bias = mask_k_bias
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        if mask_k_bias:
+            with torch.no_grad():
+                self.qkv.bias[dim:2 * dim].zero_()
+
+    def _qkv(self, x: Tensor) -> Tensor:
+        bias = self.qkv.bias
+        if self.mask_k_bias and bias.requires_grad and torch.is_grad_enabled():
+            # Training: keep the key third out of the graph so it gets no gradient and stays zero.
+            d = self.dim
+            bias = torch.cat((bias[:d], torch.zeros_like(bias[d:2 * d]), bias[2 * d:]))
+            return F.linear(x, self.qkv.weight, bias)
+        return self.qkv(x)
+
+    def forward(self, x: Tensor, rope: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"Attention expects tokens [B, N, {self.dim}], got shape {tuple(x.shape)}")
+        b, n, c = x.shape
+        qkv = self._qkv(x).view(b, n, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.unbind(2)  # strided views [B, N, H, Dh], no copies
+        if rope is not None:
+            q, k = apply_rope(q, k, rope)
+        o = ops.attention(q, k, v, causal=self.causal)
+        return self.proj(o.reshape(b, n, c))
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int, init_values: float = 1e-5) -> None:
+        super().__init__()
+        self.init_values = init_values
+        self.gamma = nn.Parameter(init_values * torch.ones(dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.constant_(self.gamma, self.init_values)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gamma
+
+
+class Mlp(nn.Module):
+    """fc1 -> exact-erf GELU -> fc2."""
+
+    def __init__(self, dim: int, hidden: int, bias: bool = True) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden, bias=bias)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class SwiGLUFFN(nn.Module):
+    """w3(silu(w1 x) * w2 x), with three separate projections (the DINO.txt head's key layout)."""
+
+    def __init__(self, dim: int, hidden: int, bias: bool = True) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=bias)
+        self.w2 = nn.Linear(dim, hidden, bias=bias)
+        self.w3 = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w3(F.silu(self.w1(x)) * self.w2(x))
+
+
+def drop_add_residual_stochastic_depth(x: Tensor, residual_fn: Callable[[Tensor], Tensor],
+                                       sample_drop_ratio: float) -> Tensor:
+    """DINOv2 "batch subset" drop-path: x + residual_fn(x) on a random subset of the samples only.
+
+    The residual of max(int(B * (1 - r)), 1) randomly chosen samples is added with weight B / subset, the
+    other samples pass unchanged; same random draws and arithmetic as dinov2/layers/block.py.
+    """
+    b = x.shape[0]
+    sample_subset_size = max(int(b * (1 - sample_drop_ratio)), 1)
+    brange = torch.randperm(b, device=x.device)[:sample_subset_size]
+    residual = residual_fn(x[brange])
+    residual_scale_factor = b / sample_subset_size
+    x_plus_residual = torch.index_add(x.flatten(1), 0, brange, residual.flatten(1).to(dtype=x.dtype),
+                                      alpha=residual_scale_factor)
+    return x_plus_residual.view_as(x)

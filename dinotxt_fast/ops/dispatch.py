@@ -1,0 +1,127 @@
+"""Backend registry and selection.
+
+A backend is a named set of kernels, one per entry of KERNELS, plus an availability probe and an optional
+per-call support check (dtype, head dim, shape). The registered custom ops (library.py) look their kernel up here
+by the backend name they were called with, so the choice is made once, in Python, before the op is traced.
+
+Selection (`resolve`): an explicit `backend=` argument wins, then the DINOTXT_FAST_BACKEND environment variable,
+then "auto": CPU tensors always get "torch"; CUDA tensors get the first backend in AUTO_ORDER that is registered,
+available and supports the call (the order is set from measured benchmark results as kernels land).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+ENV_VAR = "DINOTXT_FAST_BACKEND"
+KNOWN_BACKENDS = ("torch", "triton", "cuda")
+
+# Op family -> the kernels a backend provides for it (the first one is required, the rest come with it).
+KERNELS: dict[str, tuple[str, ...]] = {
+    "attention": ("attention_forward", "attention_backward"),
+    "patch_pool": ("patch_pool_forward", "patch_pool_backward"),
+    "contrastive_loss": ("contrastive_forward", "contrastive_backward"),
+    "patch_text_logits": ("patch_text_logits",),
+    "upsample_argmax": ("upsample_argmax",),
+    "slide_decode": ("slide_decode",),
+}
+
+# Preference for backend=None on CUDA tensors, per family; backends not registered are skipped.
+AUTO_ORDER: dict[str, tuple[str, ...]] = {family: ("cuda", "triton", "torch") for family in KERNELS}
+
+
+@dataclass
+class Backend:
+    name: str
+    kernels: dict[str, Callable]
+    # () -> (usable, reason): e.g. (False, "no CUDA device"); checked lazily and cached.
+    probe: Callable[[], tuple[bool, str]] = lambda: (True, "")
+    # (family, example tensor, call info) -> None if supported, else the reason it is not.
+    supports: Callable[[str, torch.Tensor, dict], Optional[str]] = lambda family, tensor, info: None
+    _status: Optional[tuple[bool, str]] = field(default=None, repr=False)
+
+    def status(self) -> tuple[bool, str]:
+        if self._status is None:
+            self._status = self.probe()
+        return self._status
+
+    def families(self) -> list[str]:
+        return [family for family, names in KERNELS.items() if names[0] in self.kernels]
+
+
+_REGISTRY: dict[str, Backend] = {}
+
+
+def register_backend(backend: Backend) -> None:
+    """Add (or replace) a backend. Kernel families must come whole: forward and backward together."""
+    for family, names in KERNELS.items():
+        present = [n for n in names if n in backend.kernels]
+        if present and len(present) != len(names):
+            raise ValueError(f"backend {backend.name!r} registers {present} for {family!r} but not all of {names}")
+    _REGISTRY[backend.name] = backend
+
+
+def get_kernel(backend: str, kernel: str) -> Callable:
+    try:
+        return _REGISTRY[backend].kernels[kernel]
+    except KeyError:
+        raise ValueError(f"backend {backend!r} has no kernel {kernel!r}") from None
+
+
+def registered() -> dict[str, Backend]:
+    return dict(_REGISTRY)
+
+
+def _device_problem(name: str, tensor: torch.Tensor) -> Optional[str]:
+    if tensor.device.type == "cuda" or name == "torch":
+        return None
+    if name == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+        return None  # Triton's CPU interpreter: slow, for tests
+    hint = " (set TRITON_INTERPRET=1 to run Triton kernels on CPU under the interpreter)" if name == "triton" else ""
+    return f"backend {name!r} needs CUDA tensors, got a tensor on {tensor.device}{hint}"
+
+
+def _problem(name: str, family: str, tensor: torch.Tensor, info: dict) -> Optional[str]:
+    backend = _REGISTRY.get(name)
+    if backend is None:
+        if name in KNOWN_BACKENDS:
+            return f"backend {name!r} has no kernels in this build"
+        return f"unknown backend {name!r}; choose from {sorted(set(KNOWN_BACKENDS) | set(_REGISTRY))} or None (auto)"
+    if family not in backend.families():
+        return f"backend {name!r} has no {family} kernel; it provides {backend.families()}"
+    usable, reason = backend.status()
+    if not usable:
+        return f"backend {name!r} is unavailable: {reason}"
+    return _device_problem(name, tensor) or backend.supports(family, tensor, info)
+
+
+def resolve(family: str, backend: Optional[str], tensor: torch.Tensor, **info) -> str:
+    """The backend name to run `family` with for this call; a clear ValueError when an explicit choice can't run."""
+    requested = backend or os.environ.get(ENV_VAR) or "auto"
+    if requested != "auto":
+        problem = _problem(requested, family, tensor, info)
+        if problem is not None:
+            raise ValueError(f"{family}: {problem}")
+        return requested
+    if tensor.device.type != "cuda":
+        return "torch"
+    for name in AUTO_ORDER[family]:
+        if _problem(name, family, tensor, info) is None:
+            return name
+    return "torch"
+
+
+def backends() -> dict[str, dict]:
+    """What each backend can run here and, when it can't, why."""
+    report = {}
+    for name in sorted(set(KNOWN_BACKENDS) | set(_REGISTRY)):
+        backend = _REGISTRY.get(name)
+        if backend is None:
+            report[name] = {"available": False, "reason": "no kernels for this backend in this build", "ops": []}
+            continue
+        usable, reason = backend.status()
+        report[name] = {"available": usable, "reason": reason, "ops": backend.families()}
+    return report

@@ -1,0 +1,185 @@
+"""The `torch.library` registration of every op: `torch.ops.dinotxt_fast.*`.
+
+Each op takes the backend name as its last argument and runs that backend's kernel, so `torch.compile` sees one
+opaque node per op (no graph break) and the backward is a registered op too. Fake (meta) implementations give
+shapes and dtypes; outputs are always contiguous, whatever the strides of the inputs.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .dispatch import get_kernel
+from .reference import accumulation_dtype
+
+NAMESPACE = "dinotxt_fast"
+
+
+def _empty(shape, like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
+
+
+# --------------------------------------------------------------------------------------------------- attention
+@torch.library.custom_op(f"{NAMESPACE}::attention_fwd", mutates_args=())
+def attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, backend: str) -> tuple[Tensor, Tensor]:
+    return get_kernel(backend, "attention_forward")(q, k, v, causal, scale)
+
+
+@attention_fwd.register_fake
+def _(q, k, v, causal, scale, backend):
+    b, n, h, _ = q.shape
+    return _empty((b, n, h, v.shape[-1]), q), _empty((b, h, n), q, accumulation_dtype(q.dtype))
+
+
+@torch.library.custom_op(f"{NAMESPACE}::attention_bwd", mutates_args=())
+def attention_bwd(grad_o: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, causal: bool, scale: float,
+                  backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    return get_kernel(backend, "attention_backward")(grad_o, q, k, v, o, lse, causal, scale)
+
+
+@attention_bwd.register_fake
+def _(grad_o, q, k, v, o, lse, causal, scale, backend):
+    return _empty(q.shape, q), _empty(k.shape, k), _empty(v.shape, v)
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, causal, scale, backend = inputs
+    o, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.causal, ctx.scale, ctx.backend = causal, scale, backend
+
+
+def _attention_backward(ctx, grad_o, grad_lse):
+    q, k, v, o, lse = ctx.saved_tensors
+    dq, dk, dv = attention_bwd(grad_o, q, k, v, o, lse, ctx.causal, ctx.scale, ctx.backend)
+    return dq, dk, dv, None, None, None
+
+
+attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup)
+
+
+# ------------------------------------------------------------------------------------------------ patch pooling
+@torch.library.custom_op(f"{NAMESPACE}::patch_pool_fwd", mutates_args=())
+def patch_pool_fwd(tokens: Tensor, num_registers: int, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
+                   eps: float, normalize: bool, backend: str) -> Tensor:
+    return get_kernel(backend, "patch_pool_forward")(tokens, num_registers, ln_weight, ln_bias, eps, normalize)
+
+
+@patch_pool_fwd.register_fake
+def _(tokens, num_registers, ln_weight, ln_bias, eps, normalize, backend):
+    return _empty((tokens.shape[0], 2 * tokens.shape[2]), tokens)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::patch_pool_bwd", mutates_args=())
+def patch_pool_bwd(grad_out: Tensor, tokens: Tensor, num_registers: int, ln_weight: Optional[Tensor],
+                   ln_bias: Optional[Tensor], eps: float, normalize: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(d_tokens, d_ln_weight, d_ln_bias); the last two are empty when there is no LayerNorm weight / bias."""
+    grads = get_kernel(backend, "patch_pool_backward")(grad_out, tokens, num_registers, ln_weight, ln_bias, eps,
+                                                        normalize)
+    return tuple(g if g is not None else tokens.new_empty(0) for g in grads)
+
+
+@patch_pool_bwd.register_fake
+def _(grad_out, tokens, num_registers, ln_weight, ln_bias, eps, normalize, backend):
+    shape = lambda t: t.shape if t is not None else (0,)  # noqa: E731
+    return _empty(tokens.shape, tokens), _empty(shape(ln_weight), tokens), _empty(shape(ln_bias), tokens)
+
+
+def _patch_pool_setup(ctx, inputs, output):
+    tokens, num_registers, ln_weight, ln_bias, eps, normalize, backend = inputs
+    ctx.save_for_backward(tokens, ln_weight, ln_bias)
+    ctx.args = (num_registers, eps, normalize, backend)
+
+
+def _patch_pool_backward(ctx, grad_out):
+    tokens, ln_weight, ln_bias = ctx.saved_tensors
+    num_registers, eps, normalize, backend = ctx.args
+    d_tokens, d_weight, d_bias = patch_pool_bwd(grad_out, tokens, num_registers, ln_weight, ln_bias, eps, normalize,
+                                                backend)
+    return (d_tokens, None, d_weight if ln_weight is not None else None, d_bias if ln_bias is not None else None,
+            None, None, None)
+
+
+patch_pool_fwd.register_autograd(_patch_pool_backward, setup_context=_patch_pool_setup)
+
+
+# --------------------------------------------------------------------------------------------- contrastive loss
+@torch.library.custom_op(f"{NAMESPACE}::contrastive_fwd", mutates_args=())
+def contrastive_fwd(img: Tensor, txt: Tensor, logit_scale: Tensor, normalize: bool,
+                    backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, lse_rows [B], lse_cols [B]): the row and column log-sum-exps are what the backward needs."""
+    return get_kernel(backend, "contrastive_forward")(img, txt, logit_scale, normalize)
+
+
+@contrastive_fwd.register_fake
+def _(img, txt, logit_scale, normalize, backend):
+    acc = accumulation_dtype(img.dtype)
+    return _empty((), img, acc), _empty((img.shape[0],), img, acc), _empty((img.shape[0],), img, acc)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::contrastive_bwd", mutates_args=())
+def contrastive_bwd(grad_loss: Tensor, img: Tensor, txt: Tensor, logit_scale: Tensor, lse_rows: Tensor,
+                    lse_cols: Tensor, normalize: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    return get_kernel(backend, "contrastive_backward")(grad_loss, img, txt, logit_scale, lse_rows, lse_cols, normalize)
+
+
+@contrastive_bwd.register_fake
+def _(grad_loss, img, txt, logit_scale, lse_rows, lse_cols, normalize, backend):
+    return _empty(img.shape, img), _empty(txt.shape, txt), _empty(logit_scale.shape, logit_scale)
+
+
+def _contrastive_setup(ctx, inputs, output):
+    img, txt, logit_scale, normalize, backend = inputs
+    _, lse_rows, lse_cols = output
+    ctx.mark_non_differentiable(lse_rows, lse_cols)
+    ctx.save_for_backward(img, txt, logit_scale, lse_rows, lse_cols)
+    ctx.normalize, ctx.backend = normalize, backend
+
+
+def _contrastive_backward(ctx, grad_loss, grad_lse_rows, grad_lse_cols):
+    img, txt, logit_scale, lse_rows, lse_cols = ctx.saved_tensors
+    d_img, d_txt, d_scale = contrastive_bwd(grad_loss, img, txt, logit_scale, lse_rows, lse_cols, ctx.normalize,
+                                            ctx.backend)
+    return d_img, d_txt, d_scale, None, None
+
+
+contrastive_fwd.register_autograd(_contrastive_backward, setup_context=_contrastive_setup)
+
+
+# -------------------------------------------------------------------------------- dense decode (inference only)
+@torch.library.custom_op(f"{NAMESPACE}::patch_text_logits", mutates_args=())
+def patch_text_logits(patches: Tensor, text: Tensor, backend: str) -> Tensor:
+    return get_kernel(backend, "patch_text_logits")(patches, text)
+
+
+@patch_text_logits.register_fake
+def _(patches, text, backend):
+    b, h, w, _ = patches.shape
+    return _empty((b, text.shape[0], h, w), patches, accumulation_dtype(patches.dtype))
+
+
+@torch.library.custom_op(f"{NAMESPACE}::upsample_argmax", mutates_args=())
+def upsample_argmax(logits: Tensor, size: list[int], softmax: bool, backend: str) -> tuple[Tensor, Tensor]:
+    return get_kernel(backend, "upsample_argmax")(logits, size, softmax)
+
+
+@upsample_argmax.register_fake
+def _(logits, size, softmax, backend):
+    shape = (logits.shape[0], size[0], size[1])
+    return _empty(shape, logits, torch.int64), _empty(shape, logits, accumulation_dtype(logits.dtype))
+
+
+@torch.library.custom_op(f"{NAMESPACE}::slide_decode", mutates_args=())
+def slide_decode(window_logits: Tensor, boxes: Tensor, canvas_size: list[int], size: list[int], softmax: bool,
+                 backend: str) -> tuple[Tensor, Tensor]:
+    return get_kernel(backend, "slide_decode")(window_logits, boxes, canvas_size, size, softmax)
+
+
+@slide_decode.register_fake
+def _(window_logits, boxes, canvas_size, size, softmax, backend):
+    shape = (size[0], size[1])
+    return (_empty(shape, window_logits, torch.int64),
+            _empty(shape, window_logits, accumulation_dtype(window_logits.dtype)))

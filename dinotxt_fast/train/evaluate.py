@@ -1,0 +1,44 @@
+"""Periodic evaluation during training: zero-shot top-1 and open-vocabulary segmentation mIoU."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from ..inference import ZeroShotClassifier, mean_iou, segment
+from .config import TrainConfig
+from .data import build_segmentation_set, build_zero_shot_set
+
+
+class Evaluator:
+    """Zero-shot classification on the embedded val split or an `imagefolder:` set; segmentation mIoU on the
+    embedded set (its masks name colours, so it only runs when the training data is the embedded set too)."""
+
+    def __init__(self, model, cfg: TrainConfig, device: torch.device, precision: str):
+        self.model, self.device = model, device
+        self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
+                         else contextlib.nullcontext())
+        self.zero_shot = build_zero_shot_set(cfg.eval_data, cfg.image_size, num_samples=cfg.eval_samples,
+                                             seed=cfg.seed, num_workers=min(cfg.num_workers, 4))
+        synthetic = (cfg.eval_data or "").startswith("synthetic")
+        self.segmentation = (build_segmentation_set(cfg.seg_eval_images, cfg.image_size, seed=cfg.seed)
+                             if synthetic and cfg.seg_eval_images > 0 else None)
+
+    @torch.no_grad()
+    def run(self) -> dict:
+        self.model.eval()
+        zs = self.zero_shot
+        with self.autocast:
+            classifier = ZeroShotClassifier(self.model, zs.class_names, templates=zs.templates, progress=False)
+            correct = total = 0
+            for images, labels in zs.batches(128):
+                pred = classifier(images.to(self.device)).argmax(-1).cpu()
+                correct += int((pred == labels).sum())
+                total += len(labels)
+            out = {"zero_shot_top1": correct / total, "num_classes": len(zs.class_names)}
+            if self.segmentation is not None:
+                seg = self.segmentation
+                labels = segment(self.model, seg.images.to(self.device), seg.class_names, mode="whole",
+                                 short_side=None, templates=seg.templates)
+                out["miou"], _ = mean_iou(labels.cpu(), seg.masks, len(seg.class_names))
+        return out

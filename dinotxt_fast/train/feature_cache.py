@@ -1,0 +1,125 @@
+"""Feature-cache mode: the frozen backbone's tokens for one fixed crop per sample, computed once and memory-mapped.
+
+With a frozen backbone, the backbone forward is most of a LiT step's compute and its output never changes for a
+given crop. The cache trades augmentation (one fixed centre crop per sample) for skipping it: training then runs
+only the head and the text tower. Files in the cache directory: tokens.npy (float16 [N, T, D]), ids.npy (int32
+[N, L]) and meta.json (what the cache was built from; a mismatch rebuilds it, never silently reuses it).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .config import TrainConfig
+from .data import GlobalBatchSampler, ShardSource, build_dataset, make_loader
+
+
+class FeatureCache:
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.tokens = np.load(directory / "tokens.npy", mmap_mode="r")
+        self.ids = np.load(directory / "ids.npy", mmap_mode="r")
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+
+def _fingerprint(model, cfg: TrainConfig) -> dict:
+    backbone = model.backbone.state_dict()
+    # A cheap content signature of the backbone weights: sums of a few tensors, enough to tell two models apart.
+    signature = [float(t.double().sum()) for t in list(backbone.values())[:8]]
+    return {"data": cfg.data, "image_size": cfg.image_size, "seed": cfg.seed, "preset": cfg.preset,
+            "model": cfg.model, "backbone_weights": cfg.backbone_weights, "backbone_signature": signature,
+            "context_length": model.config.context_length, "format": 1}
+
+
+def build_feature_cache(model, cfg: TrainConfig, directory: Path, device: torch.device, precision: str, d,
+                        progress: bool = True) -> FeatureCache:
+    """Build the cache on rank 0 (the others wait) unless a complete one for the same inputs exists."""
+    if not cfg.freeze_backbone:
+        raise ValueError("feature_cache needs freeze_backbone=true: a trained backbone's tokens change every step")
+    directory.mkdir(parents=True, exist_ok=True)
+    meta_path = directory / "meta.json"
+    fingerprint = _fingerprint(model, cfg)
+    if d.main:
+        current = json.loads(meta_path.read_text()) if meta_path.exists() else None
+        if current is None or current.get("fingerprint") != fingerprint or not current.get("complete"):
+            _build(model, cfg, directory, device, precision, fingerprint, progress)
+    if d.world > 1:
+        dist.barrier()
+    return FeatureCache(directory)
+
+
+def _build(model, cfg, directory: Path, device, precision, fingerprint: dict, progress: bool) -> None:
+    dataset = build_dataset(cfg.data, seed=cfg.seed, image_size=cfg.image_size)
+    if isinstance(dataset, ShardSource):
+        raise ValueError(f"feature_cache needs a dataset of known size (synthetic or CSV/TSV), not the shard "
+                         f"stream {cfg.data!r}")
+    n = len(dataset)
+    patch = model.config.patch_size
+    if cfg.image_size % patch:
+        raise ValueError(f"image_size {cfg.image_size} is not a multiple of the patch size {patch}")
+    t = 1 + model.config.num_register_tokens + (cfg.image_size // patch) ** 2
+    dim, length = model.config.vision_dim, model.config.context_length
+    size = n * t * dim * 2 + n * length * 4
+    print(f"feature cache: {n} samples x {t} tokens x {dim} dims (float16) + token ids = {size / 1e9:.2f} GB "
+          f"-> {directory}", flush=True)
+    (directory / "meta.json").write_text(json.dumps({"fingerprint": fingerprint, "complete": False}))
+    tokens = np.lib.format.open_memmap(directory / "tokens.npy", mode="w+", dtype=np.float16, shape=(n, t, dim))
+    ids = np.lib.format.open_memmap(directory / "ids.npy", mode="w+", dtype=np.int32, shape=(n, length))
+    batch = min(cfg.batch_size, n)
+    loader = make_loader(dataset, global_batch=batch, seed=cfg.seed, train=False, num_workers=cfg.num_workers,
+                         context_length=length, image_size=cfg.image_size)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n, desc="feature cache", unit="img")
+    dtype = next(model.backbone.parameters()).dtype
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
+                else torch.autocast(device.type, enabled=False))
+    lo = 0
+    with torch.no_grad(), autocast:
+        for images, batch_ids in loader:
+            out = model.backbone_tokens(images.to(device, dtype))
+            tokens[lo:lo + len(out)] = out.float().cpu().numpy().astype(np.float16)
+            ids[lo:lo + len(out)] = batch_ids.numpy().astype(np.int32)
+            lo += len(out)
+            if bar is not None:
+                bar.update(len(out))
+    if bar is not None:
+        bar.close()
+    if lo != n:
+        raise RuntimeError(f"feature cache: expected {n} samples, the loader gave {lo}")
+    tokens.flush()
+    ids.flush()
+    del tokens, ids
+    tmp = directory / "meta.json.tmp"
+    tmp.write_text(json.dumps({"fingerprint": fingerprint, "complete": True, "samples": n}))
+    os.replace(tmp, directory / "meta.json")
+
+
+class CachedLoader:
+    """(tokens [B_local, T, D] float32, ids [B_local, L] int64) batches, batched like the image loader
+    (GlobalBatchSampler: deterministic, resumable, rank slices of the global batch)."""
+
+    def __init__(self, cache: FeatureCache, *, global_batch: int, rank: int, world: int, seed: int, start_step: int):
+        self.cache = cache
+        self.sampler = GlobalBatchSampler(len(cache), global_batch, seed, rank, world, start_step)
+        self.skips = None
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for indices in self.sampler:
+            yield (torch.from_numpy(self.cache.tokens[indices].astype(np.float32)),
+                   torch.from_numpy(self.cache.ids[indices].astype(np.int64)))
+
+
+def cached_loader(cache: FeatureCache, *, global_batch: int, rank: int, world: int, seed: int,
+                  start_step: int) -> CachedLoader:
+    return CachedLoader(cache, global_batch=global_batch, rank=rank, world=world, seed=seed, start_step=start_step)

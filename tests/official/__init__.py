@@ -1,0 +1,1 @@
+"""Transcriptions of the official DINOv2 / DINOv3 modules, used as numerical oracles by the tests."""

@@ -1,0 +1,206 @@
+"""The dinotxt-fast CLI on tiny official-layout weight files (CPU)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dinotxt_fast import cli
+from dinotxt_fast.inference import (
+    ZeroShotClassifier,
+    load_classification_batch,
+    load_image_tensor,
+    mean_iou,
+    segment,
+)
+from dinotxt_fast.models.dinotxt import create_model
+from dinotxt_fast.models.tokenizer import tokenize
+
+TINY = dict(vision_dim=64, vision_depth=2, vision_heads=4, pos_embed_grid=4, text_dim=64, text_layers=2,
+            text_heads=4)
+OVERRIDES = [arg for k, v in TINY.items() for arg in ("--override", f"{k}={v}")]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Tiny v2 release files, two images and a label mask; the model they hold, reloaded as the CLI does."""
+    root = tmp_path_factory.mktemp("cli")
+    torch.manual_seed(0)
+    model = create_model("dinov2_vitl14_reg4_dinotxt", **TINY)
+    with torch.no_grad():  # give the head weight (LayerScale starts at 1e-5)
+        for name, p in model.head.named_parameters():
+            if name.endswith("gamma"):
+                p.fill_(0.5)
+    model.export_official(root)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (60, 90, 3), dtype=np.uint8)).save(root / "a.png")
+    Image.fromarray(rng.integers(0, 256, (80, 50, 3), dtype=np.uint8)).save(root / "b.jpg")
+    Image.fromarray(rng.integers(0, 3, (60, 90), dtype=np.uint8)).save(root / "gt.png")
+    loaded = create_model("dinov2_vitl14_reg4_dinotxt", **TINY).load_official(
+        backbone=root / "backbone.pth", vision_head=root / "vision_head.pth",
+        text_encoder=root / "text_encoder.pth").eval()
+    weights = ["--backbone", str(root / "backbone.pth"), "--vision-head", str(root / "vision_head.pth"),
+               "--text-encoder", str(root / "text_encoder.pth"), "--device", "cpu", *OVERRIDES]
+    return {"root": root, "weights": weights, "model": loaded}
+
+
+def run(capsys, *argv):
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_info_reports_versions_and_backends(capsys):
+    code, out, _ = run(capsys, "info")
+    assert code == 0
+    assert "torch" in out and "triton" in out and "_C extension" in out
+    assert "backends:" in out and "available" in out
+    code, out, _ = run(capsys, "info", "--json")
+    info = json.loads(out)
+    assert code == 0 and info["torch"] == torch.__version__
+    assert info["backends"]["torch"]["available"] is True
+    assert isinstance(info["extension"]["built"], bool)
+    assert info["extension"]["built"] or info["extension"]["reason"]
+
+
+def test_no_command_prints_help(capsys):
+    code, out, _ = run(capsys)
+    assert code == 2 and "info" in out and "segment" in out
+
+
+def test_encode_images_and_texts(capsys, files):
+    root, model = files["root"], files["model"]
+    out_file = root / "emb.npz"
+    code, out, err = run(capsys, "encode", root / "a.png", root / "b.jpg", "--text", "a dog", "--text", "sky",
+                         "-o", out_file, "--normalize", *files["weights"])
+    assert code == 0, err
+    assert "2 image and 2 text embeddings" in out
+    saved = np.load(out_file)
+    images = load_classification_batch([root / "a.png", root / "b.jpg"])
+    with torch.no_grad():
+        expected_img = model.encode_image(images, normalize=True)
+        expected_txt = model.encode_text(tokenize(["a dog", "sky"]), normalize=True)
+    np.testing.assert_allclose(saved["image"], expected_img.numpy(), atol=1e-5)
+    np.testing.assert_allclose(saved["text"], expected_txt.numpy(), atol=1e-5)
+
+    code, _, err = run(capsys, "encode", "--text", "a dog", "-o", root / "t.pt", *files["weights"])
+    assert code == 0, err
+    blob = torch.load(root / "t.pt")
+    assert blob["texts"] == ["a dog"] and blob["text_embeddings"].shape == (1, 128)
+    assert "image_embeddings" not in blob
+
+    code, _, err = run(capsys, "encode", root / "a.png", "--text", "x", "-o", root / "both.npy", *files["weights"])
+    assert code == 2 and ".npz or .pt" in err
+
+
+def test_classify_matches_zero_shot_classifier(capsys, files):
+    root, model = files["root"], files["model"]
+    names = ["dog", "cat", "traffic light"]
+    code, out, err = run(capsys, "classify", root / "a.png", root / "b.jpg", "--classes", ",".join(names),
+                         "--templates", "simple", "--top-k", "2", "--json", *files["weights"])
+    assert code == 0, err
+    results = json.loads(out)
+    clf = ZeroShotClassifier(model, names, templates="simple")
+    probs, idx = clf.topk(load_classification_batch([root / "a.png", root / "b.jpg"]), k=2)
+    for r, p_row, i_row in zip(results, probs.tolist(), idx.tolist()):
+        assert [t["class"] for t in r["top"]] == [names[i] for i in i_row]
+        np.testing.assert_allclose([t["probability"] for t in r["top"]], p_row, atol=1e-5)
+
+    code, out, err = run(capsys, "classify", root / "a.png", "--classes", ",".join(names), "--templates", "none",
+                         "--dtype", "bfloat16", "--json", *files["weights"])
+    assert code == 0, err
+    top = json.loads(out)[0]["top"]
+    assert sorted(t["class"] for t in top) == sorted(names)
+    assert sum(t["probability"] for t in top) == pytest.approx(1.0, abs=1e-5)  # fp32 softmax under autocast
+
+    (root / "classes.txt").write_text("dog\n\ncat\n")
+    code, out, err = run(capsys, "classify", root / "a.png", "--classes-file", root / "classes.txt",
+                         "--templates", "none", *files["weights"])
+    assert code == 0, err
+    assert "a.png" in out and "dog" in out and "cat" in out and "%" in out
+
+
+def test_segment_writes_overlay_labels_and_miou(capsys, files):
+    root, model = files["root"], files["model"]
+    names = ["dog", "cat", "sky"]
+    overlay, labels_png = root / "seg.png", root / "labels.png"
+    code, out, err = run(capsys, "segment", root / "a.png", "--classes", ",".join(names), "--templates", "none",
+                         "--short-side", "64", "--window", "32", "--stride", "16", "-o", overlay,
+                         "--labels-out", labels_png, "--gt", root / "gt.png", *files["weights"])
+    assert code == 0, err
+    png = Image.open(overlay)
+    assert png.format == "PNG" and png.width > 90 and png.height >= 60  # image + legend panel
+    labels = torch.from_numpy(np.array(Image.open(labels_png))).long()
+    expected = segment(model, [load_image_tensor(root / "a.png")], names, templates="none", short_side=64,
+                       window=32, stride=16)[0]
+    assert torch.equal(labels, expected)
+    gt = torch.from_numpy(np.array(Image.open(root / "gt.png"))).long()
+    miou, _ = mean_iou(expected, gt, 3)
+    assert f"mIoU: {100 * miou:.2f}" in out
+
+    code, out, err = run(capsys, "segment", root / "a.png", "--classes", "dog,cat", "--templates", "none",
+                         "--mode", "whole", "--short-side", "none", "-o", root / "whole.png", *files["weights"])
+    assert code == 0, err
+    assert Image.open(root / "whole.png").height >= 60
+
+
+def test_missing_weights_is_a_clear_error(capsys, files):
+    root = files["root"]
+    code, _, err = run(capsys, "classify", root / "a.png", "--classes", "dog", "--backbone", root / "backbone.pth")
+    assert code == 2
+    assert "--vision-head" in err and "--text-encoder" in err and "nothing is downloaded" in err
+    code, _, err = run(capsys, "segment", root / "a.png", "--classes", "dog", "--preset", "dinov3_vitl16_dinotxt",
+                       "--backbone", root / "backbone.pth")
+    assert code == 2 and "--weights" in err
+    code, _, err = run(capsys, "encode", "--text", "x", "-o", root / "x.npy", "--backbone", root / "nope.pth",
+                       "--vision-head", root / "vision_head.pth", "--text-encoder", root / "text_encoder.pth")
+    assert code == 2 and "nope.pth" in err
+
+
+def test_bad_inputs_are_clear_errors(capsys, files):
+    root, weights = files["root"], files["weights"]
+    corrupt = root / "corrupt.jpg"
+    corrupt.write_bytes(b"\xff\xd8\xff not a jpeg")
+    code, _, err = run(capsys, "classify", corrupt, "--classes", "dog", *weights)
+    assert code == 1 and "corrupt.jpg" in err
+    code, _, err = run(capsys, "classify", root / "a.png", *weights)
+    assert code == 2 and "--classes" in err
+    code, _, err = run(capsys, "classify", root / "a.png", "--classes", "a", "--classes-file", root / "gt.png",
+                       *weights)
+    assert code == 2 and "not both" in err
+    code, _, err = run(capsys, "segment", root / "b.jpg", "--classes", "a,b", "--gt", root / "gt.png", *weights)
+    assert code == 2 and "gt.png" in err and "50x80" in err
+    code, _, err = run(capsys, "encode", "--text", "x", "-o", root / "x.npy", "--override", "depth=3", *weights)
+    assert code == 2 and "depth" in err
+    code, _, err = run(capsys, "encode", "-o", root / "x.npy", *weights)
+    assert code == 2 and "nothing to encode" in err
+
+
+def test_dinov3_release_file(capsys, tmp_path):
+    torch.manual_seed(0)
+    model = create_model("dinov3_vitl16_dinotxt", **{k: v for k, v in TINY.items() if k != "pos_embed_grid"})
+    model.export_official(tmp_path)
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "x.png")
+    overrides = [a for k, v in TINY.items() if k != "pos_embed_grid" for a in ("--override", f"{k}={v}")]
+    code, out, err = run(capsys, "classify", tmp_path / "x.png", "--classes", "dog,cat", "--templates", "none",
+                         "--preset", "dinov3_vitl16_dinotxt", "--backbone", tmp_path / "backbone.pth",
+                         "--weights", tmp_path / "weights.pth", *overrides)
+    assert code == 0, err
+    assert "dog" in out and "cat" in out
+
+
+def test_register_command_adds_a_subcommand(capsys):
+    def build(sub):
+        p = sub.add_parser("hello")
+        p.add_argument("--name", default="world")
+        p.set_defaults(handler=lambda args: print(f"hello {args.name}") or 0)
+        return p
+
+    cli.register_command("hello")(build)
+    try:
+        code, out, _ = run(capsys, "hello", "--name", "dino")
+        assert code == 0 and out.strip() == "hello dino"
+    finally:
+        del cli.COMMANDS["hello"]
+    assert set(cli.COMMANDS) >= {"info", "encode", "classify", "segment"}
