@@ -7,6 +7,11 @@ import torch
 # Tests run from the source tree too (the package is also pip-installed in CI).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+# Without a GPU the Triton kernels are exercised under Triton's CPU interpreter; the variable must be set before
+# any kernel module is imported (triton.jit reads it at decoration time).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")

@@ -11,12 +11,12 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import library, reference
-from .dispatch import ENV_VAR, Backend, backends, register_backend, resolve
+from . import dispatch, library, reference
+from .dispatch import ENV_VAR, Backend, add_kernels, backends, register_backend, resolve
 
 __all__ = [
     "attention", "patch_pool", "contrastive_loss", "patch_text_logits", "upsample_argmax", "slide_decode",
-    "backends", "register_backend", "Backend", "ENV_VAR",
+    "backends", "register_backend", "add_kernels", "Backend", "ENV_VAR",
 ]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -36,6 +36,41 @@ register_backend(Backend(
     },
     probe=lambda: (True, "PyTorch reference (any device, float64-capable)"),
 ))
+
+
+def _triton_probe() -> tuple[bool, str]:
+    import triton
+
+    if torch.cuda.is_available():
+        return True, f"Triton {triton.__version__}"
+    return True, (f"Triton {triton.__version__}; no CUDA device here, so its kernels run only on CPU tensors under "
+                  "TRITON_INTERPRET=1 (slow; for tests)")
+
+
+def _cuda_probe() -> tuple[bool, str]:
+    from .. import _ext
+
+    if _ext.extension() is None:
+        return False, f"the compiled extension dinotxt_fast._C is unavailable: {_ext.extension_error()}"
+    info = _ext.cuda_info()
+    if not info.get("device_count"):
+        return False, f"_C is built, but no usable CUDA device: {info.get('error') or 'none found'}"
+    return True, f"dinotxt_fast._C for CUDA archs {info.get('compiled_archs')}"
+
+
+def _register_kernel_backends() -> None:
+    """Import the Triton and CUDA kernel packages (each family registers itself), when their toolchains exist."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        from . import triton as _triton_kernels  # noqa: F401
+        if "triton" in dispatch.registered():
+            dispatch.registered()["triton"].probe = _triton_probe
+    from . import cuda as _cuda_kernels  # noqa: F401
+    if "cuda" in dispatch.registered():
+        dispatch.registered()["cuda"].probe = _cuda_probe
 
 
 def _check(op: str, name: str, t: Tensor, ndim: int, layout: str, dtypes=_FLOATS) -> None:
@@ -176,3 +211,6 @@ def slide_decode(window_logits: Tensor, boxes, canvas_size: Sequence[int], size:
     name = resolve("slide_decode", backend, window_logits, num_classes=window_logits.shape[1])
     labels, scores = library.slide_decode(window_logits, boxes, canvas, size, bool(softmax), name)
     return (labels, scores) if return_scores else labels
+
+
+_register_kernel_backends()

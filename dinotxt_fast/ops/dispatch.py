@@ -1,7 +1,7 @@
 """Backend registry and selection.
 
-A backend is a named set of kernels, one per entry of KERNELS, plus an availability probe and an optional
-per-call support check (dtype, head dim, shape). The registered custom ops (library.py) look their kernel up here
+A backend is a named set of kernels, one per entry of KERNELS, plus an availability probe and optional
+per-family support checks (dtype, head dim, shape). Kernel modules plug in with `add_kernels`. The registered custom ops (library.py) look their kernel up here
 by the backend name they were called with, so the choice is made once, in Python, before the op is traced.
 
 Selection (`resolve`): an explicit `backend=` argument wins, then the DINOTXT_FAST_BACKEND environment variable,
@@ -39,8 +39,8 @@ class Backend:
     kernels: dict[str, Callable]
     # () -> (usable, reason): e.g. (False, "no CUDA device"); checked lazily and cached.
     probe: Callable[[], tuple[bool, str]] = lambda: (True, "")
-    # (family, example tensor, call info) -> None if supported, else the reason it is not.
-    supports: Callable[[str, torch.Tensor, dict], Optional[str]] = lambda family, tensor, info: None
+    # family -> (example tensor, call info) -> None if supported, else the reason it is not.
+    supports: dict[str, Callable[[torch.Tensor, dict], Optional[str]]] = field(default_factory=dict)
     _status: Optional[tuple[bool, str]] = field(default=None, repr=False)
 
     def status(self) -> tuple[bool, str]:
@@ -51,17 +51,43 @@ class Backend:
     def families(self) -> list[str]:
         return [family for family, names in KERNELS.items() if names[0] in self.kernels]
 
+    def unsupported(self, family: str, tensor: torch.Tensor, info: dict) -> Optional[str]:
+        check = self.supports.get(family)
+        return None if check is None else check(tensor, info)
+
 
 _REGISTRY: dict[str, Backend] = {}
 
 
+def _check_whole_families(name: str, kernels: dict) -> None:
+    for family, names in KERNELS.items():
+        present = [n for n in names if n in kernels]
+        if present and len(present) != len(names):
+            raise ValueError(f"backend {name!r} registers {present} for {family!r} but not all of {names}")
+
+
 def register_backend(backend: Backend) -> None:
     """Add (or replace) a backend. Kernel families must come whole: forward and backward together."""
-    for family, names in KERNELS.items():
-        present = [n for n in names if n in backend.kernels]
-        if present and len(present) != len(names):
-            raise ValueError(f"backend {backend.name!r} registers {present} for {family!r} but not all of {names}")
+    _check_whole_families(backend.name, backend.kernels)
     _REGISTRY[backend.name] = backend
+
+
+def add_kernels(name: str, family: str, kernels: dict[str, Callable],
+                supports: Optional[Callable[[torch.Tensor, dict], Optional[str]]] = None,
+                probe: Optional[Callable[[], tuple[bool, str]]] = None) -> None:
+    """Register one family's kernels with backend `name` (created on first use), so that each kernel module
+    plugs itself in without knowing the others."""
+    if set(kernels) != set(KERNELS[family]):
+        raise ValueError(f"backend {name!r}: family {family!r} needs exactly the kernels {KERNELS[family]}, "
+                         f"got {sorted(kernels)}")
+    backend = _REGISTRY.get(name)
+    if backend is None:
+        backend = _REGISTRY[name] = Backend(name, {}, probe or (lambda: (True, "")))
+    elif probe is not None:
+        backend.probe, backend._status = probe, None
+    backend.kernels.update(kernels)
+    if supports is not None:
+        backend.supports[family] = supports
 
 
 def get_kernel(backend: str, kernel: str) -> Callable:
@@ -95,7 +121,7 @@ def _problem(name: str, family: str, tensor: torch.Tensor, info: dict) -> Option
     usable, reason = backend.status()
     if not usable:
         return f"backend {name!r} is unavailable: {reason}"
-    return _device_problem(name, tensor) or backend.supports(family, tensor, info)
+    return _device_problem(name, tensor) or backend.unsupported(family, tensor, info)
 
 
 def resolve(family: str, backend: Optional[str], tensor: torch.Tensor, **info) -> str:

@@ -1,0 +1,1 @@
+"""Drop-in torch modules backed by dinotxt-fast's ops."""
