@@ -544,6 +544,10 @@ def _run_train(args) -> int:
     from .train.checkpoint import find_checkpoint
 
     config = args.config or DEFAULT_TRAIN_CONFIG
+    if args.resume is not None and "=" in args.resume and not Path(args.resume).exists():
+        # `--resume steps=10`: argparse gave the optional CKPT value the first override
+        args.overrides.insert(0, args.resume)
+        args.resume = "auto"
     try:
         cfg = load_config(config, args.overrides, preset=args.preset, data=args.data, steps=args.steps,
                           device=args.device)

@@ -74,6 +74,9 @@ class TrainConfig:
                               f"{self.weight_decay})")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"betas: need two values in [0, 1), got {self.betas}")
+        if not self.max_logit_scale >= 0:
+            raise ConfigError(f"max_logit_scale: must be >= 0 (the log of the largest scale), "
+                              f"got {self.max_logit_scale}")
         if not 0 <= self.drop_path < 1:
             raise ConfigError(f"drop_path: must be in [0, 1), got {self.drop_path}")
         for name, choices in (("precision", ("auto", "bf16", "fp32")), ("device", ("auto", "cpu", "cuda"))):
@@ -159,16 +162,19 @@ def load_config(config: Optional[str] = None, overrides: Optional[list[str]] = N
     for text in overrides or []:
         _merge(merged, *parse_override(text))
     defaults = TrainConfig()
+    fields = _fields()
     for name, value in list(merged.items()):
         default = getattr(defaults, name)
         if isinstance(default, bool) or default is None or name == "model":
+            continue
+        if value is None and "Optional" in str(fields[name].type):  # e.g. eval_data=null disables evaluation
             continue
         if isinstance(default, float) and isinstance(value, (int, str)) and not isinstance(value, bool):
             try:  # YAML 1.1 reads "7e-4" as a string
                 merged[name] = value = float(value)
             except ValueError:
                 pass
-        if isinstance(default, (int, float, str)) and not isinstance(value, type(default)):
+        if isinstance(default, (int, float, str)) and (not isinstance(value, type(default)) or isinstance(value, bool)):
             raise ConfigError(f"{name}: expected {type(default).__name__}, got {value!r}")
     for name in ("compile", "activation_checkpointing", "fsdp_text", "freeze_backbone"):
         if name in merged and not isinstance(merged[name], bool):
@@ -177,7 +183,10 @@ def load_config(config: Optional[str] = None, overrides: Optional[list[str]] = N
         cfg = TrainConfig(**merged)
     except TypeError as exc:
         raise ConfigError(str(exc)) from None
-    cfg.model_config()  # validate the model overrides now, not at step 0
+    try:  # validate the model overrides now, not at step 0
+        cfg.model_config()
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"model: {exc}") from None
     return cfg
 
 

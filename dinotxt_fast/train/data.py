@@ -512,7 +512,7 @@ class _MapCaptionSet(Dataset):
             x = self.transform(image, sample_generator(self.seed, epoch, j))
             ids = tokenize([caption], context_length=self.context_length)[0]
             return x, ids, skipped
-        raise RuntimeError(f"{min(self.n, MAX_SUBSTITUTIONS)} consecutive samples from index {index} of "
+        raise ValueError(f"{min(self.n, MAX_SUBSTITUTIONS)} consecutive samples from index {index} of "
                            f"{self.base!r} are unusable (last: {last_error}); the dataset looks broken")
 
 
@@ -579,7 +579,7 @@ class _ShardStream(IterableDataset):
                 count += 1
                 yield epoch, raw
             if count == 0:  # an endless loop over empty shards would hang the trainer
-                raise RuntimeError(f"the shards of {self.source.spec!r} read by rank {self.rank}, worker {worker} "
+                raise ValueError(f"the shards of {self.source.spec!r} read by rank {self.rank}, worker {worker} "
                                    f"({', '.join(mine[:3])}{', ...' if len(mine) > 3 else ''}) hold no samples; "
                                    f"skipped: {skips}")
 
@@ -599,7 +599,7 @@ class _ShardStream(IterableDataset):
             if epoch != current_epoch:
                 # Only an epoch seen from its start (not cut by the resume skip) proves the shards useless.
                 if current_epoch is not None and whole_epoch and good_in_epoch == 0:
-                    raise RuntimeError(f"a full pass over the shards of {self.source.spec!r} (rank {self.rank}, "
+                    raise ValueError(f"a full pass over the shards of {self.source.spec!r} (rank {self.rank}, "
                                        f"worker {worker}) gave no usable sample; skipped: {skips}")
                 whole_epoch = current_epoch is not None or delivered == 0
                 current_epoch, good_in_epoch = epoch, 0

@@ -30,13 +30,17 @@ class FeatureCache:
         return self.tokens.shape[0]
 
 
-def _fingerprint(model, cfg: TrainConfig) -> dict:
+def _fingerprint(model, cfg: TrainConfig, precision: str) -> dict:
     backbone = model.backbone.state_dict()
     # A cheap content signature of the backbone weights: sums of a few tensors, enough to tell two models apart.
     signature = [float(t.double().sum()) for t in list(backbone.values())[:8]]
-    return {"data": cfg.data, "image_size": cfg.image_size, "seed": cfg.seed, "preset": cfg.preset,
-            "model": cfg.model, "backbone_weights": cfg.backbone_weights, "backbone_signature": signature,
-            "context_length": model.config.context_length, "format": 1}
+    c = model.config
+    vision = {name: getattr(c, name) for name in ("backbone", "vision_dim", "vision_depth", "vision_heads",
+                                                 "vision_mlp_ratio", "patch_size", "num_register_tokens",
+                                                 "pos_embed_grid", "rope_base", "context_length")}
+    return {"data": cfg.data, "image_size": cfg.image_size, "seed": cfg.seed, "vision": vision,
+            "precision": precision, "backbone_weights": cfg.backbone_weights, "backbone_signature": signature,
+            "format": 1}
 
 
 def build_feature_cache(model, cfg: TrainConfig, directory: Path, device: torch.device, precision: str, d,
@@ -46,7 +50,7 @@ def build_feature_cache(model, cfg: TrainConfig, directory: Path, device: torch.
         raise ValueError("feature_cache needs freeze_backbone=true: a trained backbone's tokens change every step")
     directory.mkdir(parents=True, exist_ok=True)
     meta_path = directory / "meta.json"
-    fingerprint = _fingerprint(model, cfg)
+    fingerprint = _fingerprint(model, cfg, precision)
     if d.main:
         current = json.loads(meta_path.read_text()) if meta_path.exists() else None
         if current is None or current.get("fingerprint") != fingerprint or not current.get("complete"):

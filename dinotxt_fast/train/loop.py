@@ -204,17 +204,19 @@ def train(cfg: TrainConfig, out_dir, resume: Optional[str] = None, progress: boo
     start_step = 0
     if resume_path is not None:
         state = ckpt.load_checkpoint(resume_path)
-        lit.load_state_dict(state["model"])
+        try:
+            lit.load_state_dict(state["model"])
+        except RuntimeError as exc:
+            raise ValueError(f"checkpoint {resume_path} was written for a different model than this config "
+                             f"describes: {exc}") from None
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_step = state["step"]
-        ckpt.set_rng_state(state["rng"][d.rank] if isinstance(state["rng"], list) else state["rng"])
-    else:
-        torch.manual_seed(cfg.seed + d.rank)  # drop-path draws differ per rank, as with independent processes
 
     writer = MetricsWriter(out_dir, enabled=d.main)
-    if resume_path is not None:
-        writer.truncate_after(start_step)
+    # Drop records past the starting step: those of a resumed run's lost steps, or all of a fresh run's
+    # leftovers (an earlier attempt in this directory that died before its first checkpoint).
+    writer.truncate_after(start_step)
     context_length = model.config.context_length
     global_batch = cfg.batch_size * d.world
     if cfg.feature_cache:
@@ -225,6 +227,8 @@ def train(cfg: TrainConfig, out_dir, resume: Optional[str] = None, progress: boo
         loader = make_loader(cfg.data, global_batch=global_batch, rank=d.rank, world=d.world, seed=cfg.seed,
                              start_step=start_step, num_workers=cfg.num_workers, context_length=context_length,
                              image_size=cfg.image_size, train=True)
+    if resume_path is not None and getattr(loader, "skips", None) is not None:
+        loader.skips.update(state.get("data", {}).get("skips", {}))  # counts stay cumulative across resumes
     evaluator = Evaluator(model, cfg, device, precision) if (d.main and cfg.eval_data) else None
 
     def checkpoint_state(step: int) -> dict:
@@ -235,7 +239,8 @@ def train(cfg: TrainConfig, out_dir, resume: Optional[str] = None, progress: boo
             rng = gathered
         state = {"model": lit.state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "step": step, "rng": rng, "config": cfg.to_dict(),
-                 "data": {"step": step, "samples_seen": step * global_batch}}
+                 "data": {"step": step, "samples_seen": step * global_batch,
+                          "skips": loader.skips.as_dict() if getattr(loader, "skips", None) else {}}}
         if not cfg.backbone_weights:  # a randomly initialised backbone is part of the run: keep it for export
             state["backbone"] = model.backbone.state_dict()
         return state
@@ -258,10 +263,25 @@ def train(cfg: TrainConfig, out_dir, resume: Optional[str] = None, progress: boo
     summary: dict = {"status": "completed"}
     model.train()
     data_iter = iter(loader)
+    # The RNG is set last, just before the first step: building the evaluator or the feature cache may draw from
+    # it, and must not shift the drop-path draws.
+    if resume_path is not None:
+        rng = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
+        if len(rng) != d.world:
+            print(f"warning: {resume_path} was written by {len(rng)} process(es), resuming on {d.world}: the data "
+                  "order continues exactly, the drop-path random draws do not", file=sys.stderr)
+        ckpt.set_rng_state(rng[d.rank % len(rng)])
+        if len(rng) != d.world:
+            torch.manual_seed(torch.initial_seed() + d.rank)
+    else:
+        torch.manual_seed(cfg.seed + d.rank)  # drop-path draws differ per rank, as with independent processes
     try:
         with _StopFlag() as stop:
             while step < cfg.steps:
-                images_or_tokens, ids = next(data_iter)
+                # Loading must not move the global RNG that drop-path draws from (a DataLoader draws a seed from
+                # it when a pass starts): otherwise a resumed run's draws would differ from an uninterrupted one's.
+                with torch.random.fork_rng(devices=[]):
+                    images_or_tokens, ids = next(data_iter)
                 images_or_tokens = images_or_tokens.to(device, non_blocking=True)
                 ids = ids.to(device, non_blocking=True)
                 with _autocast(device, precision):
@@ -285,16 +305,18 @@ def train(cfg: TrainConfig, out_dir, resume: Optional[str] = None, progress: boo
                     raise TrainingStopped(
                         f"loss became {loss_value} at step {step + 1}; stopped without updating the weights. "
                         f"Last good checkpoint: {last_saved or 'none written yet'}")
+                lr = scheduler.get_last_lr()[0]  # the lr of this update (scheduler.step() moves to the next)
                 optimizer.step()
                 scheduler.step()
-                model.clamp_logit_scale()
+                with torch.no_grad():  # the official clamp, to the configured bound
+                    lit.logit_scale.clamp_(0.0, cfg.max_logit_scale)
                 step += 1
                 losses.append(loss_value)
                 samples_since += global_batch
                 if step % cfg.log_every == 0 or step == cfg.steps:
                     now = time.perf_counter()
                     record = {"step": step, "loss": sum(losses[-cfg.log_every:]) / len(losses[-cfg.log_every:]),
-                              "logit_scale": lit.logit_scale.item(), "lr": scheduler.get_last_lr()[0],
+                              "logit_scale": lit.logit_scale.item(), "lr": lr,
                               "samples_per_s": samples_since / max(now - t_last, 1e-9)}
                     skips = getattr(loader, "skips", None)
                     if skips is not None and skips.total:

@@ -37,7 +37,14 @@ class MetricsWriter:
         """On resume, drop records past the checkpoint's step so the file reads as one uninterrupted run."""
         if not (self.enabled and self.path.exists()):
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line torn by a crash mid-write
+                continue
+            if isinstance(record, dict) and record.get("step", math.inf) <= step:
+                kept.append(line)
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def close(self) -> None:
