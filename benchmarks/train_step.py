@@ -33,7 +33,8 @@ from dinotxt_fast.train.config import load_config  # noqa: E402
 from dinotxt_fast.train.loop import LiTModule, build_model, param_groups  # noqa: E402
 
 
-def sdpa_attention(q, k, v, *, causal=False, scale=None, backend=None):
+def sdpa_attention(q, k, v, *, causal=False, scale=None, lengths=None, backend=None):
+    # `lengths` (key padding after EOT) changes nothing for the causal, EOT-pooled text tower: ignoring it is exact.
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal,
                                          scale=scale)
     return out.transpose(1, 2)

@@ -128,10 +128,17 @@ py::dict build_info() {
 
 }  // namespace
 
+void bind_pooling(pybind11::module_& m);
+void bind_dense(pybind11::module_& m);
+void bind_contrastive(pybind11::module_& m);
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "dinotxt-fast CUDA kernels (raw device pointers and stream handles; no torch C++ ABI)";
   m.def("cuda_info", &cuda_info,
         "CUDA runtime/driver versions and visible devices as seen by this extension; never raises: "
         "without a GPU or driver, device_count is 0 and 'error' says why.");
   m.def("build_info", &build_info, "How this extension was compiled: CUDA version, architectures, compilers.");
+  bind_pooling(m);
+  bind_dense(m);
+  bind_contrastive(m);
 }

@@ -10,10 +10,12 @@ from .inference import IMAGENET_TEMPLATES, ZeroShotClassifier, segment
 from .models.config import PRESETS, DinoTxtConfig
 from .models.dinotxt import DinoTxt, create_model
 from .models.tokenizer import tokenize
+from .nn import patch_model
 from .ops import backends
 from .version import __version__
 
 __all__ = [
     "__version__", "ops", "backends", "create_model", "DinoTxt", "DinoTxtConfig", "PRESETS", "tokenize",
     "ZeroShotClassifier", "IMAGENET_TEMPLATES", "segment",
+    "patch_model",
 ]

@@ -173,7 +173,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _distributed_worker(rank, world, port, img, txt, scale, queue):
+def _distributed_worker(rank, world, port, img, txt, scale, queue, done):
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -188,6 +188,7 @@ def _distributed_worker(rank, world, port, img, txt, scale, queue):
         d_scale = s.grad.clone()
         dist.all_reduce(d_scale)
         queue.put((rank, loss.item(), i.grad, t.grad, d_scale / world))
+        done.wait(120)  # the parent fetches the shared tensors from this process: stay alive until it has them
     finally:
         dist.destroy_process_group()
 
@@ -197,12 +198,14 @@ def test_contrastive_distributed_gloo_equals_single_process():
     img, txt = torch.randn(b, e, dtype=torch.float64), torch.randn(b, e, dtype=torch.float64)
     scale = torch.tensor(1.5, dtype=torch.float64)
     ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
+    queue, done = ctx.Queue(), ctx.Event()
     port = _free_port()
-    procs = [ctx.Process(target=_distributed_worker, args=(r, world, port, img, txt, scale, queue)) for r in range(world)]
+    procs = [ctx.Process(target=_distributed_worker, args=(r, world, port, img, txt, scale, queue, done))
+             for r in range(world)]
     for p in procs:
         p.start()
     results = sorted(queue.get(timeout=120) for _ in range(world))
+    done.set()
     for p in procs:
         p.join(timeout=60)
     i, t, s = (x.clone().requires_grad_(True) for x in (img, txt, scale))
@@ -280,9 +283,10 @@ def test_opcheck_all_ops():
     q = torch.randn(2, 5, 2, 8, requires_grad=True)
     k = torch.randn(2, 6, 2, 8, requires_grad=True)
     v = torch.randn(2, 6, 2, 8, requires_grad=True)
-    opcheck(torch.ops.dinotxt_fast.attention_fwd.default, (q, k, v, False, 0.3, "torch"))
+    opcheck(torch.ops.dinotxt_fast.attention_fwd.default, (q, k, v, False, 0.3, None, "torch"))
     qkv = torch.randn(2, 5, 3, 2, 8, requires_grad=True)
-    opcheck(torch.ops.dinotxt_fast.attention_fwd.default, (*qkv.unbind(2), True, 0.3, "torch"))
+    opcheck(torch.ops.dinotxt_fast.attention_fwd.default, (*qkv.unbind(2), True, 0.3, None, "torch"))
+    opcheck(torch.ops.dinotxt_fast.attention_fwd.default, (*qkv.unbind(2), True, 0.3, torch.tensor([3, 5]), "torch"))
     tokens = torch.randn(3, 11, 16, requires_grad=True)
     w, b = torch.randn(16, requires_grad=True), torch.randn(16, requires_grad=True)
     opcheck(torch.ops.dinotxt_fast.patch_pool_fwd.default, (tokens, 4, w, b, 1e-5, True, "torch"))
@@ -341,9 +345,9 @@ def test_dispatch_explicit_env_and_errors(monkeypatch):
 def test_dispatch_kernel_backend_needs_cuda_or_the_interpreter(monkeypatch):
     calls = []
 
-    def fwd(q, k, v, causal, scale):
+    def fwd(q, k, v, causal, scale, lengths):
         calls.append(q.device.type)
-        return reference.attention_forward(q, k, v, causal, scale)
+        return reference.attention_forward(q, k, v, causal, scale, lengths)
 
     saved = dispatch.registered().get("triton")
     ops.register_backend(ops.Backend("triton", {"attention_forward": fwd,

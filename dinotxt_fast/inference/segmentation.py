@@ -129,7 +129,7 @@ def _crop(canvas: torch.Tensor, box: Sequence[int]) -> torch.Tensor:
 def segment(model: nn.Module, images: ImagesArg, classes: ClassesArg, mode: str = "slide", *,
             short_side: Optional[int] = 512, window: int = 384, stride: int = 192, features: str = "head",
             templates: Union[None, str, Sequence[Template]] = None, return_scores: bool = False,
-            batch_size: int = 16):
+            batch_size: int = 16, backend: Optional[str] = None):
     """Per-pixel class labels for ImageNet-normalised images (see the module docstring for the protocol).
 
     images: [B, 3, H, W] float, or a list of [3, H, W] of different sizes. classes: class names (prompts are
@@ -137,6 +137,8 @@ def segment(model: nn.Module, images: ImagesArg, classes: ClassesArg, mode: str 
     Returns labels [B, H, W] int64 (a list of [H, W] for a list input) at each input's own size, on the input's
     device; with return_scores, (labels, scores) where a score is the winning class's averaged softmax
     probability ("slide") or its cosine similarity ("whole"). Windows are encoded `batch_size` at a time.
+    `backend` selects the kernels of the decoding ops (ops.patch_text_logits, ops.slide_decode): "torch",
+    "triton", "cuda" or None (auto).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -188,7 +190,8 @@ def segment(model: nn.Module, images: ImagesArg, classes: ClassesArg, mode: str 
                 crops = _resize(crops, stretched, antialias=False).to(dtype)
                 _, head_patches, backbone_patches = model.image_tokens(crops)
                 tokens = head_patches if features == "head" else backbone_patches
-                logits = ops.patch_text_logits(tokens.reshape(len(chunk), grid[0], grid[1], -1), text)
+                logits = ops.patch_text_logits(tokens.reshape(len(chunk), grid[0], grid[1], -1), text,
+                                               backend=backend)
                 for (i, k), lg in zip(chunk, logits):
                     window_logits[i][k] = lg
 
@@ -196,7 +199,7 @@ def segment(model: nn.Module, images: ImagesArg, classes: ClassesArg, mode: str 
         for img, canvas, image_boxes, logits in zip(items, canvases, boxes, window_logits):
             lab, score = ops.slide_decode(torch.stack(logits), image_boxes.to(device),
                                           canvas_size=tuple(canvas.shape[-2:]), size=tuple(img.shape[-2:]),
-                                          softmax=(mode == "slide"), return_scores=True)
+                                          softmax=(mode == "slide"), return_scores=True, backend=backend)
             labels.append(lab.to(img.device))
             scores.append(score.to(img.device))
 

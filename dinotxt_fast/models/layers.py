@@ -86,7 +86,9 @@ class Attention(nn.Module):
             return F.linear(x, self.qkv.weight, bias)
         return self.qkv(x)
 
-    def forward(self, x: Tensor, rope: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
+    def forward(self, x: Tensor, rope: Optional[Tuple[Tensor, Tensor]] = None,
+                lengths: Optional[Tensor] = None) -> Tensor:
+        """`lengths` (int [B], optional): keys at positions >= lengths[b] are masked (see ops.attention)."""
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"Attention expects tokens [B, N, {self.dim}], got shape {tuple(x.shape)}")
         b, n, c = x.shape
@@ -94,7 +96,9 @@ class Attention(nn.Module):
         q, k, v = qkv.unbind(2)  # strided views [B, N, H, Dh], no copies
         if rope is not None:
             q, k = apply_rope(q, k, rope)
-        o = ops.attention(q, k, v, causal=self.causal)
+        # lengths only when given, so stand-ins for ops.attention with the older signature keep working
+        extra = {} if lengths is None else {"lengths": lengths}
+        o = ops.attention(q, k, v, causal=self.causal, **extra)
         return self.proj(o.reshape(b, n, c))
 
 

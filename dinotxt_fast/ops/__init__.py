@@ -28,8 +28,7 @@ register_backend(Backend(
         "attention_backward": reference.attention_backward,
         "patch_pool_forward": reference.patch_pool_forward,
         "patch_pool_backward": reference.patch_pool_backward,
-        "contrastive_forward": reference.contrastive_forward,
-        "contrastive_backward": reference.contrastive_backward,
+        **reference.CONTRASTIVE_KERNELS,
         "patch_text_logits": reference.patch_text_logits,
         "upsample_argmax": reference.upsample_argmax,
         "slide_decode": reference.slide_decode,
@@ -92,10 +91,13 @@ def _same(op: str, **tensors: Tensor) -> None:
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: Optional[float] = None,
-              backend: Optional[str] = None) -> Tensor:
+              lengths: Optional[Tensor] = None, backend: Optional[str] = None) -> Tensor:
     """Softmax attention on [B, N, H, Dh] tensors (strided views of a fused qkv projection are fine) -> [B, N, H, Dh].
 
-    `scale` defaults to 1/sqrt(Dh); `causal` masks keys after the query (top-left aligned, needs Nq == Nk)."""
+    `scale` defaults to 1/sqrt(Dh); `causal` masks keys after the query (top-left aligned, needs Nq == Nk).
+    `lengths` (int32/int64 [B]) masks the keys at positions >= lengths[b] of sequence b, for every query (with
+    `causal`: the padding after each text's EOT); kernels skip those keys. Values beyond Nk mask nothing; a query
+    that sees no key (lengths[b] <= 0) gets a zero output and zero gradients."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check("attention", name, t, 4, "[B, N, H, Dh]")
     _same("attention", q=q, k=k, v=v)
@@ -106,9 +108,18 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: O
         raise ValueError(f"attention: causal attention needs as many queries as keys, got {q.shape[1]} and {k.shape[1]}")
     if min(q.shape[1], k.shape[1]) == 0:
         raise ValueError(f"attention: empty sequence (q {tuple(q.shape)}, k {tuple(k.shape)})")
+    if lengths is not None:
+        if not isinstance(lengths, Tensor) or lengths.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"attention: lengths must be an int32/int64 tensor [B], got "
+                            f"{getattr(lengths, 'dtype', type(lengths).__name__)}")
+        if lengths.shape != (q.shape[0],):
+            raise ValueError(f"attention: lengths must have shape [B] = ({q.shape[0]},), got {tuple(lengths.shape)}")
+        if lengths.device != q.device:
+            raise ValueError(f"attention: lengths is on {lengths.device} but q is on {q.device}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    name = resolve("attention", backend, q, causal=causal, head_dim=q.shape[-1])
-    return library.attention_fwd(q, k, v, causal, scale, name)[0]
+    name = resolve("attention", backend, q, causal=causal, head_dim=q.shape[-1], value_dim=v.shape[-1],
+                   lengths=lengths is not None)
+    return library.attention_fwd(q, k, v, bool(causal), scale, lengths, name)[0]
 
 
 def patch_pool(tokens: Tensor, *, num_registers: int, ln_weight: Optional[Tensor] = None,
@@ -140,27 +151,28 @@ def contrastive_loss(img: Tensor, txt: Tensor, logit_scale: Tensor, *, normalize
                      backend: Optional[str] = None) -> Tensor:
     """Symmetric InfoNCE `0.5 * (CE(s, diag) + CE(s^T, diag))` with `s = exp(logit_scale) * img @ txt^T`.
 
-    img, txt [B_local, E]; logit_scale is the LOG of the scale (0-d or 1-element tensor). With a process `group`,
-    returns this rank's share of the global-batch loss (see DESIGN.md: averaging gradients over ranks reproduces the
-    single-process step). Returns a 0-d fp32 tensor (fp64 for fp64 inputs)."""
+    img, txt [B_local, E]; logit_scale is the LOG of the scale (0-d or 1-element tensor). Never forms the B x B
+    logits (tiled kernels with online log-sum-exps; see reference.py). With a process `group` (every rank passing the
+    same [B_local, E]), returns this rank's share of the global-batch loss: its rows against the all-gathered texts,
+    column log-sum-exps merged over ranks, text gradients reduce-scattered (DESIGN.md section 3: averaging gradients
+    over ranks reproduces the single-process step). Returns a 0-d fp32 tensor (fp64 for fp64 inputs)."""
     _check("contrastive_loss", "img", img, 2, "[B, E]")
     _check("contrastive_loss", "txt", txt, 2, "[B, E]")
     _same("contrastive_loss", img=img, txt=txt)
-    if img.shape != txt.shape or img.shape[0] == 0:
+    if img.shape != txt.shape or img.numel() == 0:
         raise ValueError(f"contrastive_loss: img {tuple(img.shape)} and txt {tuple(txt.shape)} must be the same "
                          "non-empty [B, E]")
     if not isinstance(logit_scale, Tensor) or logit_scale.numel() != 1:
         raise ValueError("contrastive_loss: logit_scale must be a 0-d or 1-element tensor (the log of the scale)")
     if logit_scale.device != img.device:
         raise ValueError(f"contrastive_loss: logit_scale is on {logit_scale.device} but img is on {img.device}")
+    name = resolve("contrastive_loss", backend, img)
     if group is not None:
         import torch.distributed as dist
 
         if dist.get_world_size(group) > 1:
-            # The fused distributed kernels plug in here; the composite runs on any backend's device.
-            resolve("contrastive_loss", backend, img)
-            return reference.contrastive_loss_distributed(img, txt, logit_scale, normalize, group)
-    name = resolve("contrastive_loss", backend, img)
+            # Every rank must pass the same [B_local, E]: the all-gathers assume it.
+            return library.contrastive_distributed(img, txt, logit_scale, bool(normalize), group, name)
     return library.contrastive_fwd(img, txt, logit_scale, bool(normalize), name)[0]
 
 

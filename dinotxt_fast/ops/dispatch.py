@@ -23,14 +23,19 @@ KNOWN_BACKENDS = ("torch", "triton", "cuda")
 KERNELS: dict[str, tuple[str, ...]] = {
     "attention": ("attention_forward", "attention_backward"),
     "patch_pool": ("patch_pool_forward", "patch_pool_backward"),
-    "contrastive_loss": ("contrastive_forward", "contrastive_backward"),
+    # partial_*: local rows against all columns (the distributed path); see reference.py.
+    "contrastive_loss": ("contrastive_forward", "contrastive_backward", "contrastive_partial_forward",
+                         "contrastive_partial_backward"),
     "patch_text_logits": ("patch_text_logits",),
     "upsample_argmax": ("upsample_argmax",),
     "slide_decode": ("slide_decode",),
 }
 
-# Preference for backend=None on CUDA tensors, per family; backends not registered are skipped.
-AUTO_ORDER: dict[str, tuple[str, ...]] = {family: ("cuda", "triton", "torch") for family in KERNELS}
+# Preference for backend=None on CUDA tensors, per family; backends not registered are skipped. A kernel backend
+# enters this order only once a GPU benchmark (benchmarks/, results under benchmarks/results/) has measured it
+# fastest for that family. None has been measured yet, so auto keeps the reference; opt in to the kernels with
+# backend="triton" / "cuda" or DINOTXT_FAST_BACKEND.
+AUTO_ORDER: dict[str, tuple[str, ...]] = {family: ("torch",) for family in KERNELS}
 
 
 @dataclass

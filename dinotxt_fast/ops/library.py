@@ -23,39 +23,41 @@ def _empty(shape, like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
 
 # --------------------------------------------------------------------------------------------------- attention
 @torch.library.custom_op(f"{NAMESPACE}::attention_fwd", mutates_args=())
-def attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, backend: str) -> tuple[Tensor, Tensor]:
-    return get_kernel(backend, "attention_forward")(q, k, v, causal, scale)
+def attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, lengths: Optional[Tensor],
+                  backend: str) -> tuple[Tensor, Tensor]:
+    """(o, lse); `lengths` (int [B] or None) masks the keys at positions >= lengths[b]."""
+    return get_kernel(backend, "attention_forward")(q, k, v, causal, scale, lengths)
 
 
 @attention_fwd.register_fake
-def _(q, k, v, causal, scale, backend):
+def _(q, k, v, causal, scale, lengths, backend):
     b, n, h, _ = q.shape
     return _empty((b, n, h, v.shape[-1]), q), _empty((b, h, n), q, accumulation_dtype(q.dtype))
 
 
 @torch.library.custom_op(f"{NAMESPACE}::attention_bwd", mutates_args=())
 def attention_bwd(grad_o: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, causal: bool, scale: float,
-                  backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    return get_kernel(backend, "attention_backward")(grad_o, q, k, v, o, lse, causal, scale)
+                  lengths: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    return get_kernel(backend, "attention_backward")(grad_o, q, k, v, o, lse, causal, scale, lengths)
 
 
 @attention_bwd.register_fake
-def _(grad_o, q, k, v, o, lse, causal, scale, backend):
+def _(grad_o, q, k, v, o, lse, causal, scale, lengths, backend):
     return _empty(q.shape, q), _empty(k.shape, k), _empty(v.shape, v)
 
 
 def _attention_setup(ctx, inputs, output):
-    q, k, v, causal, scale, backend = inputs
+    q, k, v, causal, scale, lengths, backend = inputs
     o, lse = output
     ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.save_for_backward(q, k, v, o, lse, lengths)
     ctx.causal, ctx.scale, ctx.backend = causal, scale, backend
 
 
 def _attention_backward(ctx, grad_o, grad_lse):
-    q, k, v, o, lse = ctx.saved_tensors
-    dq, dk, dv = attention_bwd(grad_o, q, k, v, o, lse, ctx.causal, ctx.scale, ctx.backend)
-    return dq, dk, dv, None, None, None
+    q, k, v, o, lse, lengths = ctx.saved_tensors
+    dq, dk, dv = attention_bwd(grad_o, q, k, v, o, lse, ctx.causal, ctx.scale, lengths, ctx.backend)
+    return dq, dk, dv, None, None, None, None
 
 
 attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup)
@@ -110,14 +112,14 @@ patch_pool_fwd.register_autograd(_patch_pool_backward, setup_context=_patch_pool
 @torch.library.custom_op(f"{NAMESPACE}::contrastive_fwd", mutates_args=())
 def contrastive_fwd(img: Tensor, txt: Tensor, logit_scale: Tensor, normalize: bool,
                     backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """(loss, lse_rows [B], lse_cols [B]): the row and column log-sum-exps are what the backward needs."""
+    """(loss, lse_rows [B], lse_cols [B]): the row and column log-sum-exps (float64) are what the backward needs."""
     return get_kernel(backend, "contrastive_forward")(img, txt, logit_scale, normalize)
 
 
 @contrastive_fwd.register_fake
 def _(img, txt, logit_scale, normalize, backend):
-    acc = accumulation_dtype(img.dtype)
-    return _empty((), img, acc), _empty((img.shape[0],), img, acc), _empty((img.shape[0],), img, acc)
+    b, lse = img.shape[0], torch.float64
+    return _empty((), img, accumulation_dtype(img.dtype)), _empty((b,), img, lse), _empty((b,), img, lse)
 
 
 @torch.library.custom_op(f"{NAMESPACE}::contrastive_bwd", mutates_args=())
@@ -147,6 +149,102 @@ def _contrastive_backward(ctx, grad_loss, grad_lse_rows, grad_lse_cols):
 
 
 contrastive_fwd.register_autograd(_contrastive_backward, setup_context=_contrastive_setup)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::contrastive_partial_fwd", mutates_args=())
+def contrastive_partial_fwd(img: Tensor, txt: Tensor, logit_scale: Tensor, normalize: bool, diag_offset: int,
+                            backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(lse_rows [M], partial lse_cols [N] (float64), diag [M]) of rows img [M, E] against columns txt [N, E]."""
+    return get_kernel(backend, "contrastive_partial_forward")(img, txt, logit_scale, normalize, diag_offset)
+
+
+@contrastive_partial_fwd.register_fake
+def _(img, txt, logit_scale, normalize, diag_offset, backend):
+    lse = torch.float64
+    return (_empty((img.shape[0],), img, lse), _empty((txt.shape[0],), img, lse),
+            _empty((img.shape[0],), img, accumulation_dtype(img.dtype)))
+
+
+@torch.library.custom_op(f"{NAMESPACE}::contrastive_partial_bwd", mutates_args=())
+def contrastive_partial_bwd(img: Tensor, txt: Tensor, logit_scale: Tensor, lse_rows: Tensor, lse_cols: Tensor,
+                            row_coef: Tensor, col_coef: Tensor, normalize: bool, diag_offset: int,
+                            backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(d_img [M, E], g_txt [N, E] w.r.t. the normalised columns (fp32/fp64), d_logit_scale)."""
+    return get_kernel(backend, "contrastive_partial_backward")(img, txt, logit_scale, lse_rows, lse_cols, row_coef,
+                                                                col_coef, normalize, diag_offset)
+
+
+@contrastive_partial_bwd.register_fake
+def _(img, txt, logit_scale, lse_rows, lse_cols, row_coef, col_coef, normalize, diag_offset, backend):
+    return (_empty(img.shape, img), _empty(txt.shape, img, accumulation_dtype(img.dtype)),
+            _empty(logit_scale.shape, logit_scale))
+
+
+def _has_reduce_scatter(group, tensor: Tensor) -> bool:
+    """NCCL has reduce_scatter; gloo (CPU tensors) does not."""
+    import torch.distributed as dist
+
+    return tensor.is_cuda and "nccl" in str(dist.get_backend(group)).lower()
+
+
+class ContrastiveDistributed(torch.autograd.Function):
+    """This rank's share of the global-batch loss through the partial kernels (see DESIGN.md section 3).
+
+    Forward: all-gather the texts (no autograd), local images against all texts -> row log-sum-exps (complete) and
+    partial column log-sum-exps, merged over ranks by one all-gather of [B_global] per rank. Backward: the local
+    rows' dS against all columns gives d_img (complete) and every column's share of d_txt, summed onto its owner by
+    a reduce-scatter (all_reduce + slice on gloo). d_logit_scale is this rank's rows' sum of dS * s, so that its
+    mean over ranks (DDP) is the global gradient. The upstream gradients of all ranks are gathered (a [world]
+    all-gather), so ranks may scale their losses differently."""
+
+    @staticmethod
+    def forward(ctx, img, txt, logit_scale, normalize, group, backend):
+        import torch.distributed as dist
+
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        b = img.shape[0]
+        txt_all = txt.new_empty((world * b, txt.shape[1]))
+        dist.all_gather_into_tensor(txt_all, txt.contiguous(), group=group)
+        lse_rows, lse_cols_part, diag = contrastive_partial_fwd(img, txt_all, logit_scale, normalize, rank * b, backend)
+        parts = lse_cols_part.new_empty((world * world * b,))
+        dist.all_gather_into_tensor(parts, lse_cols_part, group=group)
+        lse_cols = torch.logsumexp(parts.view(world, world * b), dim=0)
+        own = lse_cols[rank * b:(rank + 1) * b]
+        loss = (0.5 * ((lse_rows - diag).mean() + (own - diag).mean())).to(diag.dtype)
+        ctx.save_for_backward(img, txt, txt_all, logit_scale, lse_rows, lse_cols)
+        ctx.normalize, ctx.group, ctx.backend = normalize, group, backend
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        import torch.distributed as dist
+
+        from .reference import contrastive_normalize_backward
+
+        img, txt, txt_all, logit_scale, lse_rows, lse_cols = ctx.saved_tensors
+        group = ctx.group
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        b = img.shape[0]
+        acc = accumulation_dtype(img.dtype)
+        grads = img.new_empty((world,), dtype=acc)
+        dist.all_gather_into_tensor(grads, grad_loss.detach().to(acc).reshape(1).contiguous(), group=group)
+        row_coef = (grads[rank] * (0.5 / b)).expand(b).contiguous()
+        col_coef = (grads * (0.5 / b)).repeat_interleave(b)
+        d_img, g_txt_all, d_scale = contrastive_partial_bwd(img, txt_all, logit_scale, lse_rows, lse_cols, row_coef,
+                                                            col_coef, ctx.normalize, rank * b, ctx.backend)
+        if _has_reduce_scatter(group, g_txt_all):
+            g_txt = g_txt_all.new_empty((b, g_txt_all.shape[1]))
+            dist.reduce_scatter_tensor(g_txt, g_txt_all, group=group)
+        else:  # gloo has no reduce_scatter
+            dist.all_reduce(g_txt_all, group=group)
+            g_txt = g_txt_all[rank * b:(rank + 1) * b]
+        d_txt = contrastive_normalize_backward(g_txt, txt, ctx.normalize)
+        return d_img, d_txt, d_scale, None, None, None
+
+
+def contrastive_distributed(img: Tensor, txt: Tensor, logit_scale: Tensor, normalize: bool, group,
+                            backend: str) -> Tensor:
+    return ContrastiveDistributed.apply(img, txt, logit_scale, normalize, group, backend)
 
 
 # -------------------------------------------------------------------------------- dense decode (inference only)

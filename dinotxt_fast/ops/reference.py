@@ -8,6 +8,8 @@ backends implement too.
 from __future__ import annotations
 
 import math
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F
 
@@ -29,8 +31,29 @@ def _query_chunk(b: int, h: int, n_q: int, n_k: int) -> int:
     return max(1, min(n_q, _CHUNK_ELEMENTS // max(1, b * h * n_k)))
 
 
-def attention_forward(q, k, v, causal: bool, scale: float):
-    """o [B,N,H,Dh] (q's dtype, contiguous) and the log-sum-exp of the scaled scores, lse [B,H,N] (fp32/fp64)."""
+def _masked_scores(qf, kf, rows: slice, causal: bool, scale: float, lengths):
+    """Scaled scores [B,H,rows,Nk] of the query rows `rows`, -inf where the causal mask or `lengths` hide a key."""
+    n_k = kf.shape[2]
+    s = torch.matmul(qf[:, :, rows], kf.transpose(-1, -2)) * scale
+    if causal:
+        mask = _causal_mask(torch.arange(rows.start, rows.stop, device=qf.device), n_k, qf.device)
+        s = s.masked_fill(~mask, float("-inf"))
+    if lengths is not None:
+        hidden = torch.arange(n_k, device=qf.device)[None, :] >= lengths.to(qf.device, torch.int64)[:, None]
+        s = s.masked_fill(hidden[:, None, None, :], float("-inf"))
+    return s
+
+
+def _finite_lse(lse):
+    """lse with the -inf of rows that see no key replaced by 0, so exp(s - lse) is exp(-inf) = 0 there, not NaN."""
+    return torch.where(lse == float("-inf"), torch.zeros_like(lse), lse)
+
+
+def attention_forward(q, k, v, causal: bool, scale: float, lengths=None):
+    """o [B,N,H,Dh] (q's dtype, contiguous) and the log-sum-exp of the scaled scores, lse [B,H,N] (fp32/fp64).
+
+    `lengths` (int [B] or None): keys at positions >= lengths[b] are masked for every query of sequence b. A row
+    that sees no key at all (lengths[b] <= 0) gets o = 0, lse = -inf and zero gradients."""
     acc = accumulation_dtype(q.dtype)
     b, n_q, h, _ = q.shape
     n_k = k.shape[1]
@@ -40,17 +63,14 @@ def attention_forward(q, k, v, causal: bool, scale: float):
     step = _query_chunk(b, h, n_q, n_k)
     for start in range(0, n_q, step):
         rows = slice(start, min(start + step, n_q))
-        s = torch.matmul(qf[:, :, rows], kf.transpose(-1, -2)) * scale
-        if causal:
-            mask = _causal_mask(torch.arange(rows.start, rows.stop, device=q.device), n_k, q.device)
-            s = s.masked_fill(~mask, float("-inf"))
+        s = _masked_scores(qf, kf, rows, causal, scale, lengths)
         lse_chunk = torch.logsumexp(s, dim=-1)
-        o[:, :, rows] = torch.matmul(torch.exp(s - lse_chunk[..., None]), vf)
+        o[:, :, rows] = torch.matmul(torch.exp(s - _finite_lse(lse_chunk)[..., None]), vf)
         lse[:, :, rows] = lse_chunk
     return o.transpose(1, 2).to(q.dtype).contiguous(), lse
 
 
-def attention_backward(grad_o, q, k, v, o, lse, causal: bool, scale: float):
+def attention_backward(grad_o, q, k, v, o, lse, causal: bool, scale: float, lengths=None):
     """dq, dk, dv (inputs' dtypes, contiguous) from the forward's o and lse (FlashAttention-2 formulas)."""
     acc = accumulation_dtype(q.dtype)
     b, n_q, h, _ = q.shape
@@ -60,14 +80,11 @@ def attention_backward(grad_o, q, k, v, o, lse, causal: bool, scale: float):
     dq = torch.empty_like(qf)
     dk = torch.zeros_like(kf)
     dv = torch.zeros_like(vf)
-    lse = lse.to(acc)
+    lse = _finite_lse(lse.to(acc))
     step = _query_chunk(b, h, n_q, n_k)
     for start in range(0, n_q, step):
         rows = slice(start, min(start + step, n_q))
-        s = torch.matmul(qf[:, :, rows], kf.transpose(-1, -2)) * scale
-        if causal:
-            mask = _causal_mask(torch.arange(rows.start, rows.stop, device=q.device), n_k, q.device)
-            s = s.masked_fill(~mask, float("-inf"))
+        s = _masked_scores(qf, kf, rows, causal, scale, lengths)
         p = torch.exp(s - lse[:, :, rows, None])
         dv += torch.matmul(p.transpose(-1, -2), dof[:, :, rows])
         dp = torch.matmul(dof[:, :, rows], vf.transpose(-1, -2))
@@ -129,6 +146,30 @@ def patch_pool_backward(grad_out, tokens, num_registers: int, ln_weight, ln_bias
 
 
 # --------------------------------------------------------------------------------------------- contrastive loss
+# Every backend computes the loss from a pair of "partial" kernels: rows (images) against columns (texts), tile by
+# tile, never holding the [rows, columns] logits. s_ij = exp(logit_scale) * <img_i, txt_j> (of the L2-normalised
+# rows with `normalize`); the positive of row i is column i + diag_offset.
+#   partial forward  -> lse_rows [M] (over all N columns), lse_cols [N] (over these M rows only: the distributed
+#                       path merges the ranks' values), both float64, and diag [M] = s_{i, i+offset} in fp32 (fp64
+#                       for fp64 inputs). The log-sum-exps are float64 because the backward takes exp(s - lse) for
+#                       s ~ lse ~ exp(logit_scale) = 14..100, where an fp32 lse would be off by ~1e-6 absolute: that
+#                       alone is a 1e-5 relative error on dS = P - 1 of a confident positive. Kernels split it into
+#                       fp32 hi + lo and subtract hi first (exactly, for s near lse).
+#   partial backward -> d_img [M, E] (img's dtype), g_txt [N, E] (fp32/fp64: the gradient with respect to the
+#                       NORMALISED columns, so that the ranks' shares can be summed before the normalisation's
+#                       backward), d_logit_scale; for
+#                       dS_ij = row_coef_i (P_row_ij - d_ij) + col_coef_j (P_col_ij - d_ij),
+#                       P_row = exp(s - lse_rows), P_col = exp(s - lse_cols), d_ij = [j == i + offset].
+# The single-process loss is the pair with M = N, offset 0 and row_coef = col_coef = grad / (2B).
+#
+# The partial kernels of every backend share one host driver (tiled_partial_forward / tiled_partial_backward) over
+# a backend's tile primitives (`ContrastiveTiles`):
+# - forward: a grid of (row chunk, column chunk) programs; each loops over its tiles, keeps the rows' (max, sum of
+#   exp(s - max)) online and merges the columns' into a per-row-chunk scratch row; a float64 merge over the chunks
+#   finishes both log-sum-exps.
+# - backward: columns in panels of bounded size: one kernel recomputes the panel's logits and writes dS (scaled by
+#   the inverse norms and 1/kappa so that it fits fp16) to a [M, panel] buffer, then two GEMMs accumulate
+#   d_img += dS @ txt_panel and write g_txt[panel] = dS^T @ img. Deterministic: no atomics, fixed reduction orders.
 def _normalized(x, normalize: bool):
     """(x / max(||x||, eps), clamped norms [B, 1]) or (x, None)."""
     if not normalize:
@@ -137,36 +178,258 @@ def _normalized(x, normalize: bool):
     return x / norm, norm
 
 
-def contrastive_forward(img, txt, logit_scale, normalize: bool):
-    """Symmetric InfoNCE: (loss 0-d, lse_rows [B], lse_cols [B]) in fp32 (fp64 for fp64 inputs)."""
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class ContrastiveTiles(Protocol):
+    """Tile primitives of one backend; see tiled_partial_forward / tiled_partial_backward for how they compose.
+
+    inv_* / norm_*: per-row 1 / max(||x||, eps) and max(||x||, eps) (ones without normalisation), accumulation dtype.
+    Chunks must be multiples of the backend's tile sizes; panels a multiple of the column chunk."""
+
+    def chunks(self, m: int, n: int) -> tuple[int, int]:
+        ...
+
+    def panel_columns(self, m: int, n: int, col_chunk: int, dtype: torch.dtype) -> int:
+        ...
+
+    def ds_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        ...
+
+    def row_norms(self, x, normalize: bool):
+        """-> (inv [R], norm [R])."""
+        ...
+
+    def forward_tiles(self, img, txt, inv_i, inv_t, logit_scale, offset, row_chunk, col_chunk, row_max, row_sum,
+                      col_max, col_sum, diag):
+        """Fill row_max / row_sum [n_col_chunks, M] (each row's max and sum of exp(s - max) over one column chunk),
+        col_max / col_sum [n_row_chunks, N] (the same for each column over one row chunk) and diag [M]."""
+        ...
+
+    def ds_tiles(self, img, txt, inv_i, inv_t, logit_scale, lse_rows, lse_cols, row_coef, col_coef, inv_kappa, offset,
+                 col_begin, col_end, row_chunk, col_chunk, ds, ds_dot_s):
+        """For columns [col_begin, col_end): ds[:, j - col_begin] = dS_ij inv_i_i inv_t_j inv_kappa (ds.dtype) and
+        ds_dot_s[row chunk, column chunk] = sum of dS_ij s_ij over the chunk pair (global column chunk index);
+        lse_rows / lse_cols are float64."""
+        ...
+
+    def gemm(self, a, b, c, alpha, row_scale, accumulate: bool):
+        """c (+)= alpha * row_scale[:, None] * (a @ b); c in the accumulation dtype; a and b may be strided views."""
+        ...
+
+    def normalize_backward(self, g, x, normalize: bool):
+        """Gradient w.r.t. x (x's dtype) of x / max(||x||, eps), given g = the gradient w.r.t. that; g.to(x.dtype)
+        without normalisation."""
+        ...
+
+
+def _check_partial(img, txt, diag_offset: int) -> None:
+    if not 0 <= diag_offset <= txt.shape[0] - img.shape[0]:
+        raise ValueError(f"contrastive partial kernels: diag_offset {diag_offset} must place the positives of the "
+                         f"{img.shape[0]} rows inside the {txt.shape[0]} columns")
+
+
+def merge_lse(maxes, sums):
+    """log(sum_k sums[k] * exp(maxes[k])) over dim 0, in float64. Every entry has a finite max in every chunk."""
+    maxes = maxes.to(torch.float64)
+    top = maxes.max(dim=0).values
+    return top + (sums.to(torch.float64) * torch.exp(maxes - top)).sum(dim=0).log()
+
+
+def split_lse(lse, dtype: torch.dtype):
+    """(hi, lo) in `dtype` with hi + lo = lse (float64): exp(s - lse) is then computed as exp((s - hi) - lo)."""
+    hi = lse.to(dtype)
+    return hi, (lse - hi.to(torch.float64)).to(dtype)
+
+
+def tiled_partial_forward(tiles: ContrastiveTiles, img, txt, logit_scale, normalize: bool, diag_offset: int):
+    """The partial forward (see above) of any backend, from its tile primitives."""
+    _check_partial(img, txt, diag_offset)
+    m, n = img.shape[0], txt.shape[0]
     acc = accumulation_dtype(img.dtype)
-    i, _ = _normalized(img.to(acc), normalize)
-    t, _ = _normalized(txt.to(acc), normalize)
-    logits = logit_scale.to(acc).reshape(()).exp() * (i @ t.T)
-    diag = logits.diagonal()
-    lse_rows = torch.logsumexp(logits, dim=1)
-    lse_cols = torch.logsumexp(logits, dim=0)
+    inv_i, _ = tiles.row_norms(img, normalize)
+    inv_t, _ = tiles.row_norms(txt, normalize)
+    row_chunk, col_chunk = tiles.chunks(m, n)
+    row_max = img.new_empty((_cdiv(n, col_chunk), m), dtype=acc)
+    row_sum = torch.empty_like(row_max)
+    col_max = img.new_empty((_cdiv(m, row_chunk), n), dtype=acc)
+    col_sum = torch.empty_like(col_max)
+    diag = img.new_empty((m,), dtype=acc)
+    tiles.forward_tiles(img, txt, inv_i, inv_t, logit_scale, diag_offset, row_chunk, col_chunk, row_max, row_sum,
+                        col_max, col_sum, diag)
+    return merge_lse(row_max, row_sum), merge_lse(col_max, col_sum), diag
+
+
+def tiled_partial_backward(tiles: ContrastiveTiles, img, txt, logit_scale, lse_rows, lse_cols, row_coef, col_coef,
+                           normalize: bool, diag_offset: int):
+    """The partial backward (see above) of any backend, from its tile primitives."""
+    _check_partial(img, txt, diag_offset)
+    m, n = img.shape[0], txt.shape[0]
+    acc = accumulation_dtype(img.dtype)
+    inv_i, norm_i = tiles.row_norms(img, normalize)
+    inv_t, norm_t = tiles.row_norms(txt, normalize)
+    row_coef, col_coef = row_coef.to(acc).contiguous(), col_coef.to(acc).contiguous()
+    # dS is stored as dS * inv_i * inv_t / kappa, at most 2 in magnitude: no fp16 overflow, and no underflow from
+    # the 1 / 2B of big batches (only rows whose norms are orders of magnitude above the batch's smallest reach
+    # fp16's subnormals). The GEMMs multiply kappa back (alpha) with the norms (row scales).
+    kappa = (torch.maximum(row_coef.abs().max(), col_coef.abs().max()) * inv_i.max() * inv_t.max()).reshape(1)
+    kappa = torch.where(kappa > 0, kappa, torch.ones_like(kappa))
+    alpha = logit_scale.detach().to(acc).reshape(1).exp() * kappa
+    row_chunk, col_chunk = tiles.chunks(m, n)
+    panel = min(tiles.panel_columns(m, n, col_chunk, tiles.ds_dtype(img.dtype)), _cdiv(n, col_chunk) * col_chunk)
+    ds = img.new_empty((m, min(panel, n)), dtype=tiles.ds_dtype(img.dtype))
+    ds_dot_s = img.new_empty((_cdiv(m, row_chunk), _cdiv(n, col_chunk)), dtype=acc)
+    g_img = img.new_empty(img.shape, dtype=acc)
+    g_txt = img.new_empty(txt.shape, dtype=acc)
+    for begin in range(0, n, panel):
+        end = min(begin + panel, n)
+        ds_panel = ds[:, :end - begin]
+        tiles.ds_tiles(img, txt, inv_i, inv_t, logit_scale, lse_rows, lse_cols, row_coef, col_coef, 1.0 / kappa,
+                       diag_offset, begin, end, row_chunk, col_chunk, ds_panel, ds_dot_s)
+        tiles.gemm(ds_panel, txt[begin:end], g_img, alpha, norm_i, accumulate=begin > 0)
+        tiles.gemm(ds_panel.T, img, g_txt[begin:end], alpha, norm_t[begin:end], accumulate=False)
+    d_img = tiles.normalize_backward(g_img, img, normalize)
+    d_scale = ds_dot_s.sum().reshape(logit_scale.shape).to(logit_scale.dtype)
+    return d_img, g_txt, d_scale
+
+
+def single_forward(partial_forward, img, txt, logit_scale, normalize: bool):
+    """The single-process op contract (loss, lse_rows, lse_cols) from a backend's partial forward."""
+    lse_rows, lse_cols, diag = partial_forward(img, txt, logit_scale, normalize, 0)
     loss = 0.5 * ((lse_rows - diag).mean() + (lse_cols - diag).mean())
-    return loss, lse_rows, lse_cols
+    return loss.to(diag.dtype), lse_rows, lse_cols
 
 
-def contrastive_backward(grad_loss, img, txt, logit_scale, lse_rows, lse_cols, normalize: bool):
-    """(d_img, d_txt, d_logit_scale): dLogits = g / (2B) * (softmax_rows + softmax_cols - 2I)."""
-    acc = accumulation_dtype(img.dtype)
-    i, i_norm = _normalized(img.to(acc), normalize)
-    t, t_norm = _normalized(txt.to(acc), normalize)
-    scale = logit_scale.to(acc).reshape(()).exp()
-    logits = scale * (i @ t.T)
+def single_backward(partial_backward, normalize_backward, grad_loss, img, txt, logit_scale, lse_rows, lse_cols,
+                    normalize: bool):
+    """(d_img, d_txt, d_logit_scale) of the single-process loss: dS = g / (2B) * (P_row + P_col - 2I)."""
     b = img.shape[0]
-    d_logits = torch.exp(logits - lse_rows.to(acc)[:, None]) + torch.exp(logits - lse_cols.to(acc)[None, :])
-    d_logits.diagonal().sub_(2.0)
-    d_logits *= grad_loss.to(acc) * 0.5 / b
-    d_scale = (d_logits * logits).sum()
-    d_i = scale * (d_logits @ t)
-    d_t = scale * (d_logits.T @ i)
-    if normalize:
-        d_i, d_t = _normalize_backward(d_i, i, i_norm), _normalize_backward(d_t, t, t_norm)
-    return d_i.to(img.dtype), d_t.to(txt.dtype), d_scale.reshape(logit_scale.shape).to(logit_scale.dtype)
+    coef = (grad_loss.detach().to(accumulation_dtype(img.dtype)).reshape(1) * (0.5 / b)).expand(b).contiguous()
+    d_img, g_txt, d_scale = partial_backward(img, txt, logit_scale, lse_rows, lse_cols, coef, coef, normalize, 0)
+    return d_img, normalize_backward(g_txt, txt, normalize), d_scale
+
+
+def contrastive_normalize_backward(g, x, normalize: bool):
+    """d/dx of x / max(||x||, eps) applied to g (the gradient w.r.t. the normalised rows) -> x's dtype."""
+    if not normalize:
+        return g.to(x.dtype)
+    acc = accumulation_dtype(x.dtype)
+    y, norm = _normalized(x.to(acc), True)
+    return _normalize_backward(g.to(acc), y, norm).to(x.dtype)
+
+
+class TorchTiles(ContrastiveTiles):
+    """The tile primitives in PyTorch: chunks of up to _CHUNK_ELEMENTS logits, computed in fp32 (fp64 for fp64)."""
+
+    def chunks(self, m, n):
+        return m, max(1, min(n, _CHUNK_ELEMENTS // max(1, m)))
+
+    def panel_columns(self, m, n, col_chunk, dtype):
+        return col_chunk
+
+    def ds_dtype(self, dtype):
+        return accumulation_dtype(dtype)
+
+    def row_norms(self, x, normalize):
+        acc = accumulation_dtype(x.dtype)
+        if not normalize:
+            ones = torch.ones(x.shape[0], dtype=acc, device=x.device)
+            return ones, ones
+        norm = torch.linalg.vector_norm(x.to(acc), dim=1).clamp_min(_NORM_EPS)
+        return 1.0 / norm, norm
+
+    @staticmethod
+    def _logits(img, txt, inv_i, inv_t, logit_scale, rows: slice, cols: slice):
+        acc = inv_i.dtype
+        scaled = img[rows].to(acc) * (inv_i[rows] * logit_scale.detach().to(acc).reshape(()).exp())[:, None]
+        return scaled @ (txt[cols].to(acc) * inv_t[cols, None]).T
+
+    @staticmethod
+    def _diagonal(rows: slice, cols: slice, offset: int, device):
+        """(i, j) local indices of the positives (i, i + offset) inside the block rows x cols."""
+        i = torch.arange(rows.start, rows.stop, device=device)
+        inside = (i + offset >= cols.start) & (i + offset < cols.stop)
+        return i[inside] - rows.start, i[inside] + offset - cols.start
+
+    def forward_tiles(self, img, txt, inv_i, inv_t, logit_scale, offset, row_chunk, col_chunk, row_max, row_sum,
+                      col_max, col_sum, diag):
+        m, n = img.shape[0], txt.shape[0]
+        for a, r0 in enumerate(range(0, m, row_chunk)):
+            rows = slice(r0, min(r0 + row_chunk, m))
+            for b, c0 in enumerate(range(0, n, col_chunk)):
+                cols = slice(c0, min(c0 + col_chunk, n))
+                s = self._logits(img, txt, inv_i, inv_t, logit_scale, rows, cols)
+                top = s.max(dim=1).values
+                row_max[b, rows], row_sum[b, rows] = top, torch.exp(s - top[:, None]).sum(dim=1)
+                top = s.max(dim=0).values
+                col_max[a, cols], col_sum[a, cols] = top, torch.exp(s - top).sum(dim=0)
+                i, j = self._diagonal(rows, cols, offset, s.device)
+                diag[i + r0] = s[i, j]
+
+    def ds_tiles(self, img, txt, inv_i, inv_t, logit_scale, lse_rows, lse_cols, row_coef, col_coef, inv_kappa, offset,
+                 col_begin, col_end, row_chunk, col_chunk, ds, ds_dot_s):
+        m = img.shape[0]
+        (row_hi, row_lo), (col_hi, col_lo) = split_lse(lse_rows, inv_i.dtype), split_lse(lse_cols, inv_i.dtype)
+        for a, r0 in enumerate(range(0, m, row_chunk)):
+            rows = slice(r0, min(r0 + row_chunk, m))
+            for c0 in range(col_begin, col_end, col_chunk):
+                cols = slice(c0, min(c0 + col_chunk, col_end))
+                s = self._logits(img, txt, inv_i, inv_t, logit_scale, rows, cols)
+                d = (row_coef[rows, None] * torch.exp((s - row_hi[rows, None]) - row_lo[rows, None])
+                     + col_coef[None, cols] * torch.exp((s - col_hi[None, cols]) - col_lo[None, cols]))
+                i, j = self._diagonal(rows, cols, offset, s.device)
+                d[i, j] -= row_coef[i + r0] + col_coef[j + c0]
+                ds_dot_s[a, c0 // col_chunk] = (d * s).sum()
+                ds[rows, c0 - col_begin:cols.stop - col_begin] = d * inv_i[rows, None] * inv_t[None, cols] * inv_kappa
+
+    def gemm(self, a, b, c, alpha, row_scale, accumulate):
+        out = (a.to(c.dtype) @ b.to(c.dtype)) * (alpha * row_scale[:, None])
+        if accumulate:
+            c += out
+        else:
+            c.copy_(out)
+
+    def normalize_backward(self, g, x, normalize):
+        return contrastive_normalize_backward(g, x, normalize)
+
+
+TORCH_TILES = TorchTiles()
+
+
+def tiled_kernels(tiles: ContrastiveTiles) -> dict:
+    """The contrastive family's four kernels (dispatch.KERNELS["contrastive_loss"]) for a backend that provides
+    the tile primitives: every backend shares this host driver, only the tiles differ."""
+
+    def contrastive_partial_forward(img, txt, logit_scale, normalize: bool, diag_offset: int):
+        """(lse_rows [M], partial lse_cols [N] (float64), diag [M]) of rows img [M, E] against columns txt [N, E]."""
+        return tiled_partial_forward(tiles, img, txt, logit_scale, normalize, diag_offset)
+
+    def contrastive_partial_backward(img, txt, logit_scale, lse_rows, lse_cols, row_coef, col_coef, normalize: bool,
+                                     diag_offset: int):
+        """(d_img [M, E], g_txt [N, E] w.r.t. the normalised columns, d_logit_scale); see the section comment."""
+        return tiled_partial_backward(tiles, img, txt, logit_scale, lse_rows, lse_cols, row_coef, col_coef,
+                                      normalize, diag_offset)
+
+    def contrastive_forward(img, txt, logit_scale, normalize: bool):
+        """Symmetric InfoNCE: (loss 0-d, lse_rows [B], lse_cols [B]) in fp32 (fp64 for fp64 inputs)."""
+        return single_forward(contrastive_partial_forward, img, txt, logit_scale, normalize)
+
+    def contrastive_backward(grad_loss, img, txt, logit_scale, lse_rows, lse_cols, normalize: bool):
+        """(d_img, d_txt, d_logit_scale): dLogits = g / (2B) * (softmax_rows + softmax_cols - 2I)."""
+        return single_backward(contrastive_partial_backward, tiles.normalize_backward, grad_loss, img, txt,
+                               logit_scale, lse_rows, lse_cols, normalize)
+
+    return {"contrastive_forward": contrastive_forward, "contrastive_backward": contrastive_backward,
+            "contrastive_partial_forward": contrastive_partial_forward,
+            "contrastive_partial_backward": contrastive_partial_backward}
+
+
+CONTRASTIVE_KERNELS = tiled_kernels(TORCH_TILES)
+contrastive_forward = CONTRASTIVE_KERNELS["contrastive_forward"]
+contrastive_backward = CONTRASTIVE_KERNELS["contrastive_backward"]
+contrastive_partial_forward = CONTRASTIVE_KERNELS["contrastive_partial_forward"]
+contrastive_partial_backward = CONTRASTIVE_KERNELS["contrastive_partial_backward"]
 
 
 class _GatherRows(torch.autograd.Function):
@@ -311,6 +574,7 @@ def default_scale(head_dim: int) -> float:
 
 __all__ = [
     "attention_forward", "attention_backward", "patch_pool_forward", "patch_pool_backward",
-    "contrastive_forward", "contrastive_backward", "contrastive_loss_distributed", "patch_text_logits",
-    "upsample_argmax", "slide_decode", "default_scale",
+    "contrastive_forward", "contrastive_backward", "contrastive_partial_forward", "contrastive_partial_backward",
+    "contrastive_normalize_backward", "contrastive_loss_distributed", "patch_text_logits", "upsample_argmax",
+    "slide_decode", "default_scale",
 ]

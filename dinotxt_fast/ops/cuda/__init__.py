@@ -4,3 +4,6 @@ Each family module registers itself with dispatch.add_kernels on import. The ext
 the current stream (no torch C++ ABI); the wrappers check shapes, dtypes, devices and strides first.
 """
 # Kernel families (one import line each):
+from . import pooling  # noqa: F401
+from . import dense  # noqa: F401
+from . import contrastive  # noqa: F401

@@ -1,0 +1,161 @@
+"""CUDA contrastive loss (dinotxt_fast._C.contrastive_*): the tile primitives of reference.ContrastiveTiles, so the
+partial kernels and the single-process loss follow exactly the contract (and host driver) of the torch and Triton
+backends. See csrc/contrastive/contrastive.h for the kernels."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ... import _ext
+from .. import reference
+from ..dispatch import add_kernels
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+TILE = 64  # csrc/contrastive: kTile
+# About this many (row chunk, column chunk) blocks for big problems (see the Triton module for the trade-off).
+TARGET_BLOCKS = 2048
+PANEL_BYTES = 64 << 20  # the backward's dS panel buffer
+
+
+def _extension():
+    ext = _ext.extension()
+    if ext is None:
+        raise RuntimeError(f"the CUDA contrastive kernels need dinotxt_fast._C: {_ext.extension_error()}")
+    return ext
+
+
+def _dtype_name(t: torch.Tensor) -> str:
+    try:
+        return _DTYPE_NAMES[t.dtype]
+    except KeyError:
+        raise TypeError(f"contrastive_loss (cuda): expected float32, float16 or bfloat16, got {t.dtype}") from None
+
+
+def _rows(t: torch.Tensor, name: str, device: torch.device) -> torch.Tensor:
+    """t with unit stride along the last dimension (the kernels' layout), after device checks."""
+    if t.device != device:
+        raise ValueError(f"contrastive_loss (cuda): {name} is on {t.device}, expected {device}")
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _vector(t: torch.Tensor, name: str, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A contiguous vector on `device` (statistics, coefficients and scalars are read as fp32 arrays; the
+    log-sum-exps as float64)."""
+    if t.device != device:
+        raise ValueError(f"contrastive_loss (cuda): {name} is on {t.device}, expected {device}")
+    return t.detach().reshape(-1).to(dtype).contiguous()
+
+
+def _round_up(x: int, unit: int) -> int:
+    return -(-x // unit) * unit
+
+
+class CudaTiles(reference.ContrastiveTiles):
+    def chunks(self, m, n):
+        side = max(TILE, round(math.sqrt(m * n / TARGET_BLOCKS) / TILE) * TILE)
+        return min(side, _round_up(m, TILE)), min(side, _round_up(n, TILE))
+
+    def panel_columns(self, m, n, col_chunk, dtype):
+        columns = PANEL_BYTES // (max(1, m) * torch.finfo(dtype).bits // 8)
+        return max(col_chunk, columns // col_chunk * col_chunk)
+
+    def ds_dtype(self, dtype):
+        return dtype
+
+    def row_norms(self, x, normalize):
+        rows, dim = x.shape
+        if not normalize:
+            ones = torch.ones(rows, dtype=torch.float32, device=x.device)
+            return ones, ones
+        x = _rows(x, "x", x.device)
+        inv = torch.empty(rows, dtype=torch.float32, device=x.device)
+        norm = torch.empty_like(inv)
+        with torch.cuda.device(x.device):
+            _extension().contrastive_row_norms(_dtype_name(x), x.data_ptr(), rows, dim, x.stride(0), inv.data_ptr(),
+                                               norm.data_ptr(), _ext.current_stream_ptr(x.device))
+        return inv, norm
+
+    def forward_tiles(self, img, txt, inv_i, inv_t, logit_scale, offset, row_chunk, col_chunk, row_max, row_sum,
+                      col_max, col_sum, diag):
+        device = img.device
+        img, txt = _rows(img, "img", device), _rows(txt, "txt", device)
+        if txt.dtype != img.dtype:
+            raise TypeError(f"contrastive_loss (cuda): txt has dtype {txt.dtype} but img has {img.dtype}")
+        (m, dim), n = img.shape, txt.shape[0]
+        log_scale = _vector(logit_scale, "logit_scale", device)
+        with torch.cuda.device(device):
+            _extension().contrastive_forward_tiles(
+                _dtype_name(img), img.data_ptr(), txt.data_ptr(), inv_i.data_ptr(), inv_t.data_ptr(),
+                log_scale.data_ptr(), row_max.data_ptr(), row_sum.data_ptr(), col_max.data_ptr(), col_sum.data_ptr(),
+                diag.data_ptr(), m, n, dim, offset, img.stride(0), txt.stride(0), row_chunk, col_chunk,
+                _ext.current_stream_ptr(device))
+
+    def ds_tiles(self, img, txt, inv_i, inv_t, logit_scale, lse_rows, lse_cols, row_coef, col_coef, inv_kappa, offset,
+                 col_begin, col_end, row_chunk, col_chunk, ds, ds_dot_s):
+        device = img.device
+        img, txt = _rows(img, "img", device), _rows(txt, "txt", device)
+        if ds.stride(1) != 1 or ds.dtype != img.dtype:
+            raise ValueError(f"contrastive_loss (cuda): the dS panel must be {img.dtype} with unit column stride")
+        (m, dim), n = img.shape, txt.shape[0]
+        log_scale, coef_r, coef_c, ik = (_vector(t, name, device) for t, name in (
+            (logit_scale, "logit_scale"), (row_coef, "row_coef"), (col_coef, "col_coef"), (inv_kappa, "inv_kappa")))
+        lse_r, lse_c = (_vector(t, name, device, torch.float64) for t, name in ((lse_rows, "lse_rows"),
+                                                                               (lse_cols, "lse_cols")))
+        with torch.cuda.device(device):
+            _extension().contrastive_ds_tiles(
+                _dtype_name(img), img.data_ptr(), txt.data_ptr(), inv_i.data_ptr(), inv_t.data_ptr(),
+                log_scale.data_ptr(), lse_r.data_ptr(), lse_c.data_ptr(), coef_r.data_ptr(), coef_c.data_ptr(),
+                ik.data_ptr(), ds.data_ptr(), ds_dot_s.data_ptr(), m, n, dim, offset, img.stride(0), txt.stride(0),
+                ds.stride(0), col_begin, col_end, row_chunk, col_chunk, ds_dot_s.shape[1],
+                _ext.current_stream_ptr(device))
+
+    def gemm(self, a, b, c, alpha, row_scale, accumulate):
+        device = c.device
+        if a.dtype != b.dtype or a.device != device or b.device != device:
+            raise ValueError(f"contrastive gemm (cuda): operands {a.dtype} on {a.device} and {b.dtype} on {b.device} "
+                             f"must share a dtype and the output's device {device}")
+        if c.dtype != torch.float32 or c.stride(1) != 1:
+            raise ValueError("contrastive gemm (cuda): the output must be fp32 with unit column stride")
+        m, k = a.shape
+        n = b.shape[1]
+        al, scale = _vector(alpha, "alpha", device), _vector(row_scale, "row_scale", device)
+        with torch.cuda.device(device):
+            _extension().contrastive_gemm(_dtype_name(a), a.data_ptr(), b.data_ptr(), c.data_ptr(), al.data_ptr(),
+                                          scale.data_ptr(), m, n, k, a.stride(0), a.stride(1), b.stride(0),
+                                          b.stride(1), c.stride(0), bool(accumulate), _ext.current_stream_ptr(device))
+
+    def normalize_backward(self, g, x, normalize):
+        device = x.device
+        x = _rows(x, "x", device)
+        g = _rows(g, "g", device)
+        if g.dtype != torch.float32 or g.shape != x.shape:
+            raise ValueError(f"contrastive_loss (cuda): the gradient must be fp32 {tuple(x.shape)}, got {g.dtype} "
+                             f"{tuple(g.shape)}")
+        out = torch.empty(x.shape, dtype=x.dtype, device=device)
+        rows, dim = x.shape
+        with torch.cuda.device(device):
+            _extension().contrastive_normalize_backward(_dtype_name(x), g.data_ptr(), x.data_ptr(), out.data_ptr(),
+                                                        rows, dim, g.stride(0), x.stride(0), out.stride(0),
+                                                        bool(normalize), _ext.current_stream_ptr(device))
+        return out
+
+
+TILES = CudaTiles()
+KERNELS = reference.tiled_kernels(TILES)
+contrastive_forward = KERNELS["contrastive_forward"]
+contrastive_backward = KERNELS["contrastive_backward"]
+contrastive_partial_forward = KERNELS["contrastive_partial_forward"]
+contrastive_partial_backward = KERNELS["contrastive_partial_backward"]
+
+
+def supports(tensor: torch.Tensor, info: dict):
+    if tensor.dtype not in _DTYPE_NAMES:
+        return (f"the CUDA contrastive kernels take float32, float16 or bfloat16, got {tensor.dtype} "
+                "(use backend='torch' for float64)")
+    return None
+
+
+_C = _ext.extension()
+if _C is not None and hasattr(_C, "contrastive_forward_tiles"):
+    add_kernels("cuda", "contrastive_loss", KERNELS, supports=supports)
