@@ -202,14 +202,16 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_gloo_processes_match_one_process(tmp_path):
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp_text"])
+def test_two_gloo_processes_match_one_process(tmp_path, sharding):
     steps = ["steps=3", "drop_path=0", "eval_data=null"]
     single = tmp_path / "single"
     _run(single, "batch_size=8", *steps)
 
     double = tmp_path / "double"
     port = _free_port()
-    procs = [subprocess.Popen(_cli_cmd(double, "batch_size=4", *steps), cwd=tmp_path, stdout=subprocess.PIPE,
+    extra = ["fsdp_text=true"] if sharding == "fsdp_text" else []
+    procs = [subprocess.Popen(_cli_cmd(double, "batch_size=4", *steps, *extra), cwd=tmp_path, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True,
                               env=_env(RANK=r, WORLD_SIZE=2, LOCAL_RANK=r, MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
              for r in (0, 1)]
@@ -537,3 +539,35 @@ def test_export_of_a_bad_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert cli.main(["export", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "x")]) == 1
     assert "missing.pt" in capsys.readouterr().err
 
+
+
+def test_cli_overrides_may_follow_options(tmp_path):
+    out = tmp_path / "run"
+    args = ["train", *SMALL[:4], "--out", str(out), "--no-progress", *SMALL[4:], "steps=1", "eval_data=null"]
+    assert cli.main(args) == 0
+    saved = load_config(str(out / "config.yaml"))
+    assert saved.steps == 1 and saved.image_size == 32 and saved.eval_data is None
+    assert cli.main(["train", "--out", str(out), "--resume", *SMALL, "--no-progress", "eval_data=null",
+                     "steps=2"]) == 0
+    assert [r["step"] for r in _train_records(out)] == [1, 2]
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--out", str(out), "--bogus-flag"])
+
+
+def test_backend_option_runs_the_step_on_the_triton_kernels(tmp_path, monkeypatch):
+    """backend=triton routes every op of the run (attention, pooling, loss) to the Triton kernels (here under the
+    CPU interpreter): same losses as the reference backend."""
+    monkeypatch.setenv(ops.ENV_VAR, "torch")  # train() sets the variable for its process; restored after the test
+    tiny = ["steps=2", "batch_size=4", "model.vision_depth=1", "model.text_layers=1", "data=synthetic:16",
+            "eval_data=null", "drop_path=0"]
+    calls = []
+    real = ops.dispatch.get_kernel
+    monkeypatch.setattr(ops.library, "get_kernel", lambda backend, kernel: calls.append(backend) or real(backend,
+                                                                                                        kernel))
+    _run(tmp_path / "torch", *tiny, "backend=torch")
+    _run(tmp_path / "triton", *tiny, "backend=triton")
+    assert "triton" in calls and "torch" in calls
+    a, b = _train_records(tmp_path / "torch"), _train_records(tmp_path / "triton")
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-5)
+    with pytest.raises(ConfigError, match="backend"):
+        _cfg("backend=tpu")

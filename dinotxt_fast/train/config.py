@@ -44,6 +44,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     feature_cache: Optional[str] = None                # directory: precompute frozen backbone tokens once
     fsdp_text: bool = False                            # shard the text tower with FSDP2 (multi-GPU)
+    backend: Optional[str] = None                      # ops backend for the run (torch|triton|cuda); None: auto
     # observability and checkpoints
     log_every: int = 10
     eval_every: int = 1000
@@ -79,6 +80,8 @@ class TrainConfig:
                               f"got {self.max_logit_scale}")
         if not 0 <= self.drop_path < 1:
             raise ConfigError(f"drop_path: must be in [0, 1), got {self.drop_path}")
+        if self.backend not in (None, "auto", "torch", "triton", "cuda"):
+            raise ConfigError(f"backend: must be one of torch, triton, cuda or null (auto), got {self.backend!r}")
         for name, choices in (("precision", ("auto", "bf16", "fp32")), ("device", ("auto", "cpu", "cuda"))):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{name}: must be one of {choices}, got {getattr(self, name)!r}")

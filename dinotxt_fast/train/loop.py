@@ -115,6 +115,26 @@ def _speedups(model: DinoTxt, cfg: TrainConfig) -> None:
             block.compile()
 
 
+def _trainable_state(lit: LiTModule, optimizer, fsdp: bool) -> tuple[dict, dict]:
+    """Full (unsharded) model and optimizer state; with FSDP a collective that every rank must enter."""
+    if not fsdp:
+        return lit.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(lit, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _load_trainable_state(lit: LiTModule, optimizer, state: dict, fsdp: bool) -> None:
+    if not fsdp:
+        lit.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    set_state_dict(lit, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(full_state_dict=True))
+
+
 # --------------------------------------------------------------------------------------------------- signals
 class _StopFlag:
     """SIGTERM/SIGINT end the run after the current step with a final checkpoint."""
@@ -174,6 +194,8 @@ def train(cfg: TrainConfig, out_dir, resume: Optional[str] = None, progress: boo
     from .feature_cache import build_feature_cache, cached_loader
 
     out_dir = Path(out_dir)
+    if cfg.backend not in (None, "auto"):
+        os.environ[ops.ENV_VAR] = cfg.backend  # every op of the run (model, pooling, loss) uses this backend
     d, device = setup_distributed(cfg.device)
     precision = _resolve_precision(cfg, device)
     if d.main:
@@ -187,17 +209,23 @@ def train(cfg: TrainConfig, out_dir, resume: Optional[str] = None, progress: boo
     lit = LiTModule(model)
     _speedups(model, cfg)
     trainable = lit
-    if cfg.fsdp_text and d.world > 1:
+    fsdp = cfg.fsdp_text and d.world > 1
+    replicated: list[nn.Parameter] = []
+    if fsdp:
+        # FSDP2 shards the text tower (its blocks, then the rest of it); the small head and the logit scale stay
+        # replicated, their gradients averaged by hand after each backward (DDP can't wrap a module that holds
+        # FSDP-sharded submodules, and FSDP2 can't shard the 0-d logit scale).
         from torch.distributed.fsdp import fully_shard
 
         for block in model.text.backbone.blocks:
             fully_shard(block)
-        trainable = fully_shard(lit)
+        fully_shard(model.text)
+        replicated = [p for name, p in lit.named_parameters() if p.requires_grad and not name.startswith("text.")]
     elif d.world > 1:
         trainable = nn.parallel.DistributedDataParallel(lit, device_ids=[device.index] if device.type == "cuda"
                                                         else None)
     optimizer = torch.optim.AdamW(param_groups(lit, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                                  fused=device.type == "cuda")
+                                  fused=device.type == "cuda" and not fsdp)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, functools.partial(lr_lambda, warmup=cfg.warmup_steps, total=cfg.steps))
 
@@ -205,11 +233,10 @@ def train(cfg: TrainConfig, out_dir, resume: Optional[str] = None, progress: boo
     if resume_path is not None:
         state = ckpt.load_checkpoint(resume_path)
         try:
-            lit.load_state_dict(state["model"])
+            _load_trainable_state(lit, optimizer, state, fsdp)
         except RuntimeError as exc:
             raise ValueError(f"checkpoint {resume_path} was written for a different model than this config "
                              f"describes: {exc}") from None
-        optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_step = state["step"]
 
@@ -237,8 +264,8 @@ def train(cfg: TrainConfig, out_dir, resume: Optional[str] = None, progress: boo
             gathered = [None] * d.world
             dist.all_gather_object(gathered, rng)
             rng = gathered
-        state = {"model": lit.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "step": step, "rng": rng, "config": cfg.to_dict(),
+        model_state, optimizer_state = _trainable_state(lit, optimizer, fsdp)
+        state = {"model": model_state, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "step": step, "rng": rng, "config": cfg.to_dict(),
                  "data": {"step": step, "samples_seen": step * global_batch,
                           "skips": loader.skips.as_dict() if getattr(loader, "skips", None) else {}}}
         if not cfg.backbone_weights:  # a randomly initialised backbone is part of the run: keep it for export
@@ -293,6 +320,9 @@ def train(cfg: TrainConfig, out_dir, resume: Optional[str] = None, progress: boo
                 loss = ops.contrastive_loss(img, txt, lit.logit_scale, group=d.group)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                for p in replicated:  # FSDP mode: average the replicated parameters' gradients
+                    dist.all_reduce(p.grad)
+                    p.grad /= d.world
                 # One small all-reduce carries the mean loss and any rank's stop signal, so that all ranks stop
                 # (for a non-finite loss or SIGTERM) at the same step and no collective is left waiting.
                 status = torch.stack([loss.detach().float(), torch.tensor(float(stop.signum is not None),
