@@ -178,6 +178,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="compute dtype via autocast (default: bfloat16 on CUDA, float32 on CPU)")
+    g.add_argument("--backend", choices=("auto", "torch", "triton", "cuda"), default=None,
+                   help="kernel backend for every op (default: auto, i.e. DINOTXT_FAST_BACKEND or the dispatch's "
+                        "measured choice)")
 
 
 def _device(args) -> torch.device:
@@ -233,6 +236,10 @@ def load_model(args):
 
     required = check_weight_args(args)
     device = _device(args)
+    if args.backend not in (None, "auto"):
+        from .ops import ENV_VAR
+
+        os.environ[ENV_VAR] = args.backend  # read by every op at call time
     try:
         model = create_model(args.preset, **dict(args.override))
     except TypeError as exc:  # an unknown DinoTxtConfig field in --override

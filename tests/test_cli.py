@@ -1,5 +1,6 @@
 """The dinotxt-fast CLI on tiny official-layout weight files (CPU)."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -204,3 +205,21 @@ def test_register_command_adds_a_subcommand(capsys):
     finally:
         del cli.COMMANDS["hello"]
     assert set(cli.COMMANDS) >= {"info", "encode", "classify", "segment"}
+
+
+def test_backend_flag_routes_the_ops(capsys, files, monkeypatch):
+    """--backend triton runs classify on the Triton kernels (CPU interpreter here): same top classes."""
+    from dinotxt_fast import ops
+
+    monkeypatch.setenv(ops.ENV_VAR, "torch")  # the CLI sets it for its process; restored after the test
+    root, names = files["root"], ["dog", "cat", "traffic light"]
+    args = ("classify", root / "a.png", "--classes", ",".join(names), "--templates", "none", "--json",
+            *files["weights"])
+    code, out, err = run(capsys, *args, "--backend", "torch")
+    assert code == 0, err
+    code, out_triton, err = run(capsys, *args, "--backend", "triton")
+    assert code == 0, err
+    assert os.environ[ops.ENV_VAR] == "triton"
+    want, got = json.loads(out)[0]["top"], json.loads(out_triton)[0]["top"]
+    assert [t["class"] for t in got] == [t["class"] for t in want]
+    np.testing.assert_allclose([t["probability"] for t in got], [t["probability"] for t in want], atol=1e-4)

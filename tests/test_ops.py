@@ -378,3 +378,24 @@ def test_reference_ops_on_cuda():
     out = ops.attention(q, k, v, backend="torch")
     want = attention_oracle(q.double(), k.double(), v.double(), False)
     assert (out.double() - want).abs().max() < 2e-2
+
+
+def test_ops_run_their_kernels_outside_autocast():
+    """Inside an autocast region the kernels still compute in the dtypes they are given (and declare)."""
+    img, txt = torch.randn(9, 16), torch.randn(9, 16)
+    want = ops.contrastive_loss(img, txt, torch.tensor(2.0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ops.contrastive_loss(img, txt, torch.tensor(2.0))
+        logits = ops.patch_text_logits(torch.randn(1, 2, 3, 16), torch.randn(4, 16))
+    torch.testing.assert_close(got, want)
+    assert logits.dtype == torch.float32
+
+
+def test_patch_pool_with_low_precision_tokens_and_fp32_layernorm():
+    # what autocast training produces: bf16 tokens, fp32 LayerNorm parameters (gradients in their own dtype)
+    tokens = torch.randn(3, 11, 16, dtype=torch.bfloat16, requires_grad=True)
+    w, b = torch.randn(16, requires_grad=True), torch.randn(16, requires_grad=True)
+    opcheck(torch.ops.dinotxt_fast.patch_pool_fwd.default, (tokens, 4, w, b, 1e-5, True, "torch"))
+    out = ops.patch_pool(tokens, num_registers=4, ln_weight=w, ln_bias=b)
+    d_tokens, d_w, d_b = torch.autograd.grad(out.float().sum(), (tokens, w, b))
+    assert (d_tokens.dtype, d_w.dtype, d_b.dtype) == (torch.bfloat16, torch.float32, torch.float32)

@@ -204,7 +204,8 @@ def _free_port():
 
 @pytest.mark.parametrize("sharding", ["ddp", "fsdp_text"])
 def test_two_gloo_processes_match_one_process(tmp_path, sharding):
-    steps = ["steps=3", "drop_path=0", "eval_data=null"]
+    # with FSDP every rank must join the sharded text tower's forward in evaluations too
+    steps = ["steps=3", "drop_path=0"] + (["eval_every=3"] if sharding == "fsdp_text" else ["eval_data=null"])
     single = tmp_path / "single"
     _run(single, "batch_size=8", *steps)
 
@@ -571,3 +572,12 @@ def test_backend_option_runs_the_step_on_the_triton_kernels(tmp_path, monkeypatc
     assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-5)
     with pytest.raises(ConfigError, match="backend"):
         _cfg("backend=tpu")
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_bf16_autocast_run(tmp_path, cache):
+    """precision=bf16 (what CUDA runs use): image and text embeddings meet the loss in one dtype, with and without
+    the feature cache, with drop-path off (the path where the head stays in the backbone's dtype)."""
+    extra = [f"feature_cache={tmp_path / 'cache'}"] if cache else []
+    summary = _run(tmp_path / "run", "precision=bf16", "drop_path=0", "steps=2", "eval_data=null", *extra)
+    assert summary["status"] == "completed" and math.isfinite(summary["final_loss"])

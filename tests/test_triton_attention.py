@@ -441,3 +441,26 @@ def test_gpu_fused_qkv_views_and_compile():
     (g_compiled,) = torch.autograd.grad(compiled, qkv)
     torch.testing.assert_close(compiled, eager)
     torch.testing.assert_close(g_compiled, g_eager, rtol=0.02, atol=0.02)  # atomic dQ: summation order varies
+
+
+def test_backward_is_nan_free_for_very_negative_scores_with_padded_key_tiles():
+    # All scores near -100: lse < -88, so an unmasked padded key's exp2(0 - lse) is inf (and inf * 0 = NaN in dQ).
+    q = (-5 * torch.ones(1, 20, 1, 16)).requires_grad_(True)
+    k = (5 * torch.ones(1, 20, 1, 16) + 0.01 * torch.randn(1, 20, 1, 16)).requires_grad_(True)
+    v = torch.randn(1, 20, 1, 16, requires_grad=True)
+    grads = {}
+    for backend in ("torch", "triton"):
+        out = ops.attention(q, k, v, backend=backend)
+        grads[backend] = torch.autograd.grad(out.sum(), (q, k, v))
+    for got, want in zip(grads["triton"], grads["torch"]):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_strided_lengths_are_read_through_their_stride():
+    q, k, v = (torch.randn(2, 9, 2, 16) for _ in range(3))
+    strided = torch.tensor([[5, 0], [3, 0]])[:, 0]
+    assert not strided.is_contiguous()
+    want = ops.attention(q, k, v, lengths=strided.contiguous(), backend="torch")
+    torch.testing.assert_close(ops.attention(q, k, v, lengths=strided, backend="triton"), want, rtol=1e-5,
+                               atol=1e-5)

@@ -10,7 +10,7 @@
 //   in register chunks): sum over the pixel's 4 canvas taps and the windows covering each tap of
 //   exp(bilinear logit - lse) / (number of covering windows), weighted by the final bilinear weights; online argmax.
 // Bilinear taps (align_corners=False) are computed exactly in integers: src = ((2 dst + 1) in - out) / (2 out),
-// clamped at 0; the interpolation order (rows, then columns) is F.interpolate's.
+// clamped at 0; the interpolation order (rows, then columns) is the reference's (F.interpolate may differ in the last bit).
 #include "dense/dense.h"
 
 #include <cuda_runtime.h>

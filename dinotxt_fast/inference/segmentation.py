@@ -188,8 +188,10 @@ def segment(model: nn.Module, images: ImagesArg, classes: ClassesArg, mode: str 
                 crops = torch.stack([_crop(canvases[i], box_lists[i][k]) for i, k in chunk])
                 # Plain bicubic stretch by a few percent to a patch multiple (F.interpolate, align_corners=False).
                 crops = _resize(crops, stretched, antialias=False).to(dtype)
-                _, head_patches, backbone_patches = model.image_tokens(crops)
-                tokens = head_patches if features == "head" else backbone_patches
+                if features == "head":
+                    tokens = model.image_tokens(crops)[1]
+                else:  # the raw backbone tokens: no need to run the vision head
+                    tokens = model.backbone_tokens(crops)[:, 1 + model.config.num_register_tokens:]
                 logits = ops.patch_text_logits(tokens.reshape(len(chunk), grid[0], grid[1], -1), text,
                                                backend=backend)
                 for (i, k), lg in zip(chunk, logits):
@@ -197,7 +199,7 @@ def segment(model: nn.Module, images: ImagesArg, classes: ClassesArg, mode: str 
 
         labels, scores = [], []
         for img, canvas, image_boxes, logits in zip(items, canvases, boxes, window_logits):
-            lab, score = ops.slide_decode(torch.stack(logits), image_boxes.to(device),
+            lab, score = ops.slide_decode(torch.stack(logits), image_boxes,  # boxes stay on the host: no syncs
                                           canvas_size=tuple(canvas.shape[-2:]), size=tuple(img.shape[-2:]),
                                           softmax=(mode == "slide"), return_scores=True, backend=backend)
             labels.append(lab.to(img.device))

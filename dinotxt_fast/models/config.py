@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -77,8 +76,9 @@ class DinoTxtConfig:
 
 
 def derive_swiglu_hidden(mlp_hidden: int, multiple: int = 64) -> int:
-    """2/3 of a GELU MLP width, rounded up to a multiple of 64 (4096 -> 2752)."""
-    return multiple * math.ceil(mlp_hidden * 2 / 3 / multiple)
+    """2/3 of a GELU MLP width, rounded up to a multiple of 64 (4096 -> 2752), with the official rounding."""
+    hidden = int(mlp_hidden * 2 / 3)
+    return hidden + (-hidden % multiple)
 
 
 PRESETS: dict[str, dict] = {

@@ -90,7 +90,8 @@ class TextTower(nn.Module):
         nn.init.normal_(self.head.linear_projection.weight, std=dim ** -0.5)
 
     def check_ids(self, ids: torch.Tensor) -> None:
-        """Raise a clear error unless ids is a non-empty [B, L] int64 tensor, L <= context, ids in range."""
+        """Raise a clear error unless ids is a non-empty [B, L] int64 tensor on this device, L <= context
+        (the value range is checked in forward, with the one host sync it needs)."""
         if not isinstance(ids, torch.Tensor):
             raise TypeError(f"token ids must be a torch.Tensor, got {type(ids).__name__}")
         if ids.dtype != torch.int64:
@@ -106,17 +107,18 @@ class TextTower(nn.Module):
         device = self.backbone.positional_embedding.device
         if ids.device != device:
             raise ValueError(f"token ids are on {ids.device} but the text tower is on {device}")
-        low, high = (int(v) for v in torch.aminmax(ids))
-        if low < 0 or high >= self.vocab_size:
-            raise ValueError(f"token ids must lie in [0, {self.vocab_size}), got values in [{low}, {high}]")
 
     def forward(self, ids: torch.Tensor, truncate: bool = True) -> torch.Tensor:
         """`truncate=False` runs all L positions (same result; avoids the data-dependent length, e.g. for
         torch.compile with static shapes)."""
         self.check_ids(ids)
         eot = ids.argmax(dim=-1)  # first occurrence of the largest id: the first EOT, as the official pooling
+        # One host sync for the value check and the truncation length together.
+        low, high, longest = torch.stack([ids.min(), ids.max(), eot.max()]).tolist()
+        if low < 0 or high >= self.vocab_size:
+            raise ValueError(f"token ids must lie in [0, {self.vocab_size}), got values in [{low}, {high}]")
         if truncate:
-            ids = ids[:, : int(eot.max()) + 1]
+            ids = ids[:, : longest + 1]
         backbone = self.backbone
         x = backbone.token_embedding(ids) + backbone.positional_embedding[: ids.shape[1]]
         # Keys after each text's EOT are masked: the pooled EOT token never sees them (causal), so the result is

@@ -106,8 +106,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: O
                          "(need q [B,Nq,H,Dh], k [B,Nk,H,Dh], v [B,Nk,H,Dv])")
     if causal and q.shape[1] != k.shape[1]:
         raise ValueError(f"attention: causal attention needs as many queries as keys, got {q.shape[1]} and {k.shape[1]}")
-    if min(q.shape[1], k.shape[1]) == 0:
-        raise ValueError(f"attention: empty sequence (q {tuple(q.shape)}, k {tuple(k.shape)})")
+    if min(q.shape[1], k.shape[1]) == 0 or min(q.shape[3], v.shape[3]) == 0:
+        raise ValueError(f"attention: empty sequence or head dim (q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)})")
     if lengths is not None:
         if not isinstance(lengths, Tensor) or lengths.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"attention: lengths must be an int32/int64 tensor [B], got "
@@ -118,7 +119,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: O
             raise ValueError(f"attention: lengths is on {lengths.device} but q is on {q.device}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     name = resolve("attention", backend, q, causal=causal, head_dim=q.shape[-1], value_dim=v.shape[-1],
-                   lengths=lengths is not None)
+                   lengths=lengths is not None, batch_heads=q.shape[0] * q.shape[2])
     return library.attention_fwd(q, k, v, bool(causal), scale, lengths, name)[0]
 
 
@@ -171,9 +172,30 @@ def contrastive_loss(img: Tensor, txt: Tensor, logit_scale: Tensor, *, normalize
         import torch.distributed as dist
 
         if dist.get_world_size(group) > 1:
-            # Every rank must pass the same [B_local, E]: the all-gathers assume it.
+            _check_same_shape_on_ranks(img, group)
             return library.contrastive_distributed(img, txt, logit_scale, bool(normalize), group, name)
     return library.contrastive_fwd(img, txt, logit_scale, bool(normalize), name)[0]
+
+
+_CHECKED_SHAPES: set = set()
+
+
+def _check_same_shape_on_ranks(img: Tensor, group) -> None:
+    """Every rank must pass the same [B_local, E] (the all-gathers assume it; NCCL would hang or read garbage
+    otherwise). Checked with one tiny collective the first time a (group, shape) is seen."""
+    import torch.distributed as dist
+
+    key = (id(group), tuple(img.shape))
+    if key in _CHECKED_SHAPES or torch.compiler.is_compiling():
+        return
+    mine = [img.shape[0], -img.shape[0], img.shape[1], -img.shape[1]]
+    both = torch.tensor(mine, device=img.device)
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+    b_max, b_min, e_max, e_min = both.tolist()
+    if b_max != -b_min or e_max != -e_min:
+        raise ValueError(f"contrastive_loss: every rank of the group must pass the same [B_local, E]; this rank has "
+                         f"{tuple(img.shape)}, the ranks span B_local {-b_min}..{b_max}, E {-e_min}..{e_max}")
+    _CHECKED_SHAPES.add(key)
 
 
 def patch_text_logits(patches: Tensor, text: Tensor, *, backend: Optional[str] = None) -> Tensor:

@@ -17,6 +17,18 @@ from .reference import accumulation_dtype
 NAMESPACE = "dinotxt_fast"
 
 
+def _run(backend: str, kernel: str, *args):
+    """Run a backend's kernel with autocast off and the first argument's CUDA device current: Triton and the _C
+    wrappers launch on the current device and its stream, which must be the device the tensors live on."""
+    fn = get_kernel(backend, kernel)
+    # Autocast stays outside: a kernel computes in the dtypes it is given (and declares in its fake).
+    with torch.autocast(args[0].device.type, enabled=False):
+        if args[0].is_cuda:
+            with torch.cuda.device(args[0].device):
+                return fn(*args)
+        return fn(*args)
+
+
 def _empty(shape, like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
     return torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
 
@@ -26,7 +38,7 @@ def _empty(shape, like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, lengths: Optional[Tensor],
                   backend: str) -> tuple[Tensor, Tensor]:
     """(o, lse); `lengths` (int [B] or None) masks the keys at positions >= lengths[b]."""
-    return get_kernel(backend, "attention_forward")(q, k, v, causal, scale, lengths)
+    return _run(backend, "attention_forward", q, k, v, causal, scale, lengths)
 
 
 @attention_fwd.register_fake
@@ -38,7 +50,7 @@ def _(q, k, v, causal, scale, lengths, backend):
 @torch.library.custom_op(f"{NAMESPACE}::attention_bwd", mutates_args=())
 def attention_bwd(grad_o: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, causal: bool, scale: float,
                   lengths: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    return get_kernel(backend, "attention_backward")(grad_o, q, k, v, o, lse, causal, scale, lengths)
+    return _run(backend, "attention_backward", grad_o, q, k, v, o, lse, causal, scale, lengths)
 
 
 @attention_bwd.register_fake
@@ -67,7 +79,7 @@ attention_fwd.register_autograd(_attention_backward, setup_context=_attention_se
 @torch.library.custom_op(f"{NAMESPACE}::patch_pool_fwd", mutates_args=())
 def patch_pool_fwd(tokens: Tensor, num_registers: int, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
                    eps: float, normalize: bool, backend: str) -> Tensor:
-    return get_kernel(backend, "patch_pool_forward")(tokens, num_registers, ln_weight, ln_bias, eps, normalize)
+    return _run(backend, "patch_pool_forward", tokens, num_registers, ln_weight, ln_bias, eps, normalize)
 
 
 @patch_pool_fwd.register_fake
@@ -79,15 +91,16 @@ def _(tokens, num_registers, ln_weight, ln_bias, eps, normalize, backend):
 def patch_pool_bwd(grad_out: Tensor, tokens: Tensor, num_registers: int, ln_weight: Optional[Tensor],
                    ln_bias: Optional[Tensor], eps: float, normalize: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """(d_tokens, d_ln_weight, d_ln_bias); the last two are empty when there is no LayerNorm weight / bias."""
-    grads = get_kernel(backend, "patch_pool_backward")(grad_out, tokens, num_registers, ln_weight, ln_bias, eps,
+    grads = _run(backend, "patch_pool_backward", grad_out, tokens, num_registers, ln_weight, ln_bias, eps,
                                                         normalize)
     return tuple(g if g is not None else tokens.new_empty(0) for g in grads)
 
 
 @patch_pool_bwd.register_fake
 def _(grad_out, tokens, num_registers, ln_weight, ln_bias, eps, normalize, backend):
-    shape = lambda t: t.shape if t is not None else (0,)  # noqa: E731
-    return _empty(tokens.shape, tokens), _empty(shape(ln_weight), tokens), _empty(shape(ln_bias), tokens)
+    # the LayerNorm gradients come in the parameters' own dtype (fp32 parameters with bf16 tokens under autocast)
+    param = lambda t: _empty(t.shape, t) if t is not None else _empty((0,), tokens)  # noqa: E731
+    return _empty(tokens.shape, tokens), param(ln_weight), param(ln_bias)
 
 
 def _patch_pool_setup(ctx, inputs, output):
@@ -113,7 +126,7 @@ patch_pool_fwd.register_autograd(_patch_pool_backward, setup_context=_patch_pool
 def contrastive_fwd(img: Tensor, txt: Tensor, logit_scale: Tensor, normalize: bool,
                     backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """(loss, lse_rows [B], lse_cols [B]): the row and column log-sum-exps (float64) are what the backward needs."""
-    return get_kernel(backend, "contrastive_forward")(img, txt, logit_scale, normalize)
+    return _run(backend, "contrastive_forward", img, txt, logit_scale, normalize)
 
 
 @contrastive_fwd.register_fake
@@ -125,7 +138,7 @@ def _(img, txt, logit_scale, normalize, backend):
 @torch.library.custom_op(f"{NAMESPACE}::contrastive_bwd", mutates_args=())
 def contrastive_bwd(grad_loss: Tensor, img: Tensor, txt: Tensor, logit_scale: Tensor, lse_rows: Tensor,
                     lse_cols: Tensor, normalize: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    return get_kernel(backend, "contrastive_backward")(grad_loss, img, txt, logit_scale, lse_rows, lse_cols, normalize)
+    return _run(backend, "contrastive_backward", grad_loss, img, txt, logit_scale, lse_rows, lse_cols, normalize)
 
 
 @contrastive_bwd.register_fake
@@ -155,7 +168,7 @@ contrastive_fwd.register_autograd(_contrastive_backward, setup_context=_contrast
 def contrastive_partial_fwd(img: Tensor, txt: Tensor, logit_scale: Tensor, normalize: bool, diag_offset: int,
                             backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """(lse_rows [M], partial lse_cols [N] (float64), diag [M]) of rows img [M, E] against columns txt [N, E]."""
-    return get_kernel(backend, "contrastive_partial_forward")(img, txt, logit_scale, normalize, diag_offset)
+    return _run(backend, "contrastive_partial_forward", img, txt, logit_scale, normalize, diag_offset)
 
 
 @contrastive_partial_fwd.register_fake
@@ -170,7 +183,7 @@ def contrastive_partial_bwd(img: Tensor, txt: Tensor, logit_scale: Tensor, lse_r
                             row_coef: Tensor, col_coef: Tensor, normalize: bool, diag_offset: int,
                             backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """(d_img [M, E], g_txt [N, E] w.r.t. the normalised columns (fp32/fp64), d_logit_scale)."""
-    return get_kernel(backend, "contrastive_partial_backward")(img, txt, logit_scale, lse_rows, lse_cols, row_coef,
+    return _run(backend, "contrastive_partial_backward", img, txt, logit_scale, lse_rows, lse_cols, row_coef,
                                                                 col_coef, normalize, diag_offset)
 
 
@@ -250,7 +263,7 @@ def contrastive_distributed(img: Tensor, txt: Tensor, logit_scale: Tensor, norma
 # -------------------------------------------------------------------------------- dense decode (inference only)
 @torch.library.custom_op(f"{NAMESPACE}::patch_text_logits", mutates_args=())
 def patch_text_logits(patches: Tensor, text: Tensor, backend: str) -> Tensor:
-    return get_kernel(backend, "patch_text_logits")(patches, text)
+    return _run(backend, "patch_text_logits", patches, text)
 
 
 @patch_text_logits.register_fake
@@ -261,7 +274,7 @@ def _(patches, text, backend):
 
 @torch.library.custom_op(f"{NAMESPACE}::upsample_argmax", mutates_args=())
 def upsample_argmax(logits: Tensor, size: list[int], softmax: bool, backend: str) -> tuple[Tensor, Tensor]:
-    return get_kernel(backend, "upsample_argmax")(logits, size, softmax)
+    return _run(backend, "upsample_argmax", logits, size, softmax)
 
 
 @upsample_argmax.register_fake
@@ -273,7 +286,7 @@ def _(logits, size, softmax, backend):
 @torch.library.custom_op(f"{NAMESPACE}::slide_decode", mutates_args=())
 def slide_decode(window_logits: Tensor, boxes: Tensor, canvas_size: list[int], size: list[int], softmax: bool,
                  backend: str) -> tuple[Tensor, Tensor]:
-    return get_kernel(backend, "slide_decode")(window_logits, boxes, canvas_size, size, softmax)
+    return _run(backend, "slide_decode", window_logits, boxes, canvas_size, size, softmax)
 
 
 @slide_decode.register_fake

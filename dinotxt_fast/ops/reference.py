@@ -57,7 +57,7 @@ def attention_forward(q, k, v, causal: bool, scale: float, lengths=None):
     acc = accumulation_dtype(q.dtype)
     b, n_q, h, _ = q.shape
     n_k = k.shape[1]
-    qf, kf, vf = (t.transpose(1, 2).to(acc) for t in (q, k, v))  # [B,H,N,Dh]
+    qf, kf, vf = (t.transpose(1, 2).to(acc).contiguous() for t in (q, k, v))  # [B,H,N,Dh]
     o = torch.empty(b, h, n_q, v.shape[-1], dtype=acc, device=q.device)
     lse = torch.empty(b, h, n_q, dtype=acc, device=q.device)
     step = _query_chunk(b, h, n_q, n_k)
@@ -75,7 +75,7 @@ def attention_backward(grad_o, q, k, v, o, lse, causal: bool, scale: float, leng
     acc = accumulation_dtype(q.dtype)
     b, n_q, h, _ = q.shape
     n_k = k.shape[1]
-    qf, kf, vf, of, dof = (t.transpose(1, 2).to(acc) for t in (q, k, v, o, grad_o))
+    qf, kf, vf, of, dof = (t.transpose(1, 2).to(acc).contiguous() for t in (q, k, v, o, grad_o))
     delta = (dof * of).sum(-1)  # [B,H,N]: rowsum(dO * O) = rowsum(P * dP)
     dq = torch.empty_like(qf)
     dk = torch.zeros_like(kf)
@@ -395,6 +395,12 @@ class TorchTiles(ContrastiveTiles):
 
 
 TORCH_TILES = TorchTiles()
+
+
+# Why the Triton and CUDA tiles refuse fp16 (the reference tiles store dS in fp32 and take it).
+TILED_FP16_REASON = ("fp16 is not taken: the backward stores dS pre-scaled by the batch's largest inverse norms, "
+                     "and one near-zero feature row would underflow every other row's dS in fp16's range; use bf16 "
+                     "or fp32")
 
 
 def tiled_kernels(tiles: ContrastiveTiles) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -19,8 +20,8 @@ def rng_state() -> dict:
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     numpy_state = (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)
     state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available():  # this process's device only: a resume may see a different set of GPUs
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -30,7 +31,7 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def atomic_save(obj, path: Path) -> None:
@@ -50,11 +51,23 @@ def atomic_save(obj, path: Path) -> None:
         raise
 
 
+def _atomic_link(source: Path, target: Path) -> None:
+    """Point `target` at `source`'s content without writing it twice: a hard link renamed into place (a copy
+    where the filesystem has no hard links)."""
+    tmp = target.with_name(f".{target.name}.link.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+
+
 def save_checkpoint(directory: Path, step: int, state: dict, keep: int) -> Path:
     """Write `step_<N>.pt`, point `last.pt` at it (a copy, atomically), prune to the newest `keep`."""
     path = directory / f"step_{step:08d}.pt"
     atomic_save(state, path)
-    atomic_save(state, directory / "last.pt")
+    _atomic_link(path, directory / "last.pt")
     steps = sorted((int(m.group(1)), p) for p in directory.iterdir() if (m := _NAME.match(p.name)))
     for _, old in steps[:-keep]:
         old.unlink(missing_ok=True)

@@ -23,7 +23,6 @@ class TrainConfig:
     preset: str = "dinov2_vitl14_reg4_dinotxt"
     model: dict = field(default_factory=dict)          # DinoTxtConfig overrides, e.g. {vision_dim: 64}
     backbone_weights: Optional[str] = None             # official backbone file (.pth/.pt/.safetensors)
-    freeze_backbone: bool = True                       # LiT: the backbone is frozen (no autograd state)
     # data
     data: str = "synthetic"                            # "synthetic[:N]", shard pattern "a-{000..099}.tar", .csv/.tsv
     image_size: int = 224
@@ -179,7 +178,7 @@ def load_config(config: Optional[str] = None, overrides: Optional[list[str]] = N
                 pass
         if isinstance(default, (int, float, str)) and (not isinstance(value, type(default)) or isinstance(value, bool)):
             raise ConfigError(f"{name}: expected {type(default).__name__}, got {value!r}")
-    for name in ("compile", "activation_checkpointing", "fsdp_text", "freeze_backbone"):
+    for name in ("compile", "activation_checkpointing", "fsdp_text"):
         if name in merged and not isinstance(merged[name], bool):
             raise ConfigError(f"{name}: expected true or false, got {merged[name]!r}")
     try:

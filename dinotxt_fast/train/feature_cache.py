@@ -45,22 +45,31 @@ def _fingerprint(model, cfg: TrainConfig, precision: str) -> dict:
 
 def build_feature_cache(model, cfg: TrainConfig, directory: Path, device: torch.device, precision: str, d,
                         progress: bool = True) -> FeatureCache:
-    """Build the cache on rank 0 (the others wait) unless a complete one for the same inputs exists."""
-    if not cfg.freeze_backbone:
-        raise ValueError("feature_cache needs freeze_backbone=true: a trained backbone's tokens change every step")
+    """Build the cache unless a complete one for the same inputs exists. Every rank encodes its own contiguous
+    share of the samples into the shared memory-mapped files (the directory must be on a filesystem all ranks see)."""
     directory.mkdir(parents=True, exist_ok=True)
     meta_path = directory / "meta.json"
     fingerprint = _fingerprint(model, cfg, precision)
-    if d.main:
-        current = json.loads(meta_path.read_text()) if meta_path.exists() else None
-        if current is None or current.get("fingerprint") != fingerprint or not current.get("complete"):
-            _build(model, cfg, directory, device, precision, fingerprint, progress)
-    if d.world > 1:
-        dist.barrier()
+    current = json.loads(meta_path.read_text()) if meta_path.exists() else None
+    if current is None or current.get("fingerprint") != fingerprint or not current.get("complete"):
+        _build(model, cfg, directory, device, precision, fingerprint, progress, d)
     return FeatureCache(directory)
 
 
-def _build(model, cfg, directory: Path, device, precision, fingerprint: dict, progress: bool) -> None:
+class _Rows:
+    """Samples [lo, hi) of a map-style caption set, for one rank's share of the cache."""
+
+    def __init__(self, dataset, lo: int, hi: int):
+        self.dataset, self.lo, self.hi = dataset, lo, hi
+
+    def __len__(self) -> int:
+        return self.hi - self.lo
+
+    def load(self, index: int):
+        return self.dataset.load(self.lo + index)
+
+
+def _build(model, cfg, directory: Path, device, precision, fingerprint: dict, progress: bool, d) -> None:
     dataset = build_dataset(cfg.data, seed=cfg.seed, image_size=cfg.image_size)
     if isinstance(dataset, ShardSource):
         raise ValueError(f"feature_cache needs a dataset of known size (synthetic or CSV/TSV), not the shard "
@@ -71,46 +80,57 @@ def _build(model, cfg, directory: Path, device, precision, fingerprint: dict, pr
         raise ValueError(f"image_size {cfg.image_size} is not a multiple of the patch size {patch}")
     t = 1 + model.config.num_register_tokens + (cfg.image_size // patch) ** 2
     dim, length = model.config.vision_dim, model.config.context_length
-    size = n * t * dim * 2 + n * length * 4
-    print(f"feature cache: {n} samples x {t} tokens x {dim} dims (float16) + token ids = {size / 1e9:.2f} GB "
-          f"-> {directory}", flush=True)
-    (directory / "meta.json").write_text(json.dumps({"fingerprint": fingerprint, "complete": False}))
-    tokens = np.lib.format.open_memmap(directory / "tokens.npy", mode="w+", dtype=np.float16, shape=(n, t, dim))
-    ids = np.lib.format.open_memmap(directory / "ids.npy", mode="w+", dtype=np.int32, shape=(n, length))
-    batch = min(cfg.batch_size, n)
-    loader = make_loader(dataset, global_batch=batch, seed=cfg.seed, train=False, num_workers=cfg.num_workers,
-                         context_length=length, image_size=cfg.image_size)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    if d.main:
+        size = n * t * dim * 2 + n * length * 4
+        print(f"feature cache: {n} samples x {t} tokens x {dim} dims (float16) + token ids = {size / 1e9:.2f} GB "
+              f"-> {directory}", flush=True)
+        (directory / "meta.json").write_text(json.dumps({"fingerprint": fingerprint, "complete": False}))
+        np.lib.format.open_memmap(directory / "tokens.npy", mode="w+", dtype=np.float16, shape=(n, t, dim))
+        np.lib.format.open_memmap(directory / "ids.npy", mode="w+", dtype=np.int32, shape=(n, length))
+    if d.world > 1:
+        dist.barrier()  # the files exist before any rank opens them
+    tokens = np.load(directory / "tokens.npy", mmap_mode="r+")
+    ids = np.load(directory / "ids.npy", mmap_mode="r+")
+    lo, hi = n * d.rank // d.world, n * (d.rank + 1) // d.world
+    if hi > lo:
+        loader = make_loader(_Rows(dataset, lo, hi), global_batch=min(cfg.batch_size, hi - lo), seed=cfg.seed,
+                             train=False, num_workers=cfg.num_workers, context_length=length,
+                             image_size=cfg.image_size)
+        bar = None
+        if progress and d.main:
+            from tqdm.auto import tqdm
 
-        bar = tqdm(total=n, desc="feature cache", unit="img")
-    dtype = next(model.backbone.parameters()).dtype
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
-                else torch.autocast(device.type, enabled=False))
-    lo = 0
-    with torch.no_grad(), autocast:
-        for images, batch_ids in loader:
-            out = model.backbone_tokens(images.to(device, dtype))
-            tokens[lo:lo + len(out)] = out.float().cpu().numpy().astype(np.float16)
-            ids[lo:lo + len(out)] = batch_ids.numpy().astype(np.int32)
-            lo += len(out)
-            if bar is not None:
-                bar.update(len(out))
-    if bar is not None:
-        bar.close()
-    if lo != n:
-        raise RuntimeError(f"feature cache: expected {n} samples, the loader gave {lo}")
+            bar = tqdm(total=hi - lo, desc=f"feature cache (rank 0 of {d.world})", unit="img")
+        autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
+                    else torch.autocast(device.type, enabled=False))
+        row = lo
+        with torch.no_grad(), autocast:
+            for images, batch_ids in loader:
+                out = model.backbone_tokens(images.to(device))
+                tokens[row:row + len(out)] = out.to(torch.float16).cpu().numpy()
+                ids[row:row + len(out)] = batch_ids.numpy().astype(np.int32)
+                row += len(out)
+                if bar is not None:
+                    bar.update(len(out))
+        if bar is not None:
+            bar.close()
+        if row != hi:
+            raise RuntimeError(f"feature cache: expected samples {lo}..{hi - 1}, the loader gave {row - lo}")
     tokens.flush()
     ids.flush()
     del tokens, ids
-    tmp = directory / "meta.json.tmp"
-    tmp.write_text(json.dumps({"fingerprint": fingerprint, "complete": True, "samples": n}))
-    os.replace(tmp, directory / "meta.json")
+    if d.world > 1:
+        dist.barrier()  # every rank's share is written
+    if d.main:
+        tmp = directory / "meta.json.tmp"
+        tmp.write_text(json.dumps({"fingerprint": fingerprint, "complete": True, "samples": n}))
+        os.replace(tmp, directory / "meta.json")
+    if d.world > 1:
+        dist.barrier()  # nobody reads the cache before it is marked complete
 
 
 class CachedLoader:
-    """(tokens [B_local, T, D] float32, ids [B_local, L] int64) batches, batched like the image loader
+    """(tokens [B_local, T, D] float16, ids [B_local, L] int64) batches, batched like the image loader
     (GlobalBatchSampler: deterministic, resumable, rank slices of the global batch)."""
 
     def __init__(self, cache: FeatureCache, *, global_batch: int, rank: int, world: int, seed: int, start_step: int):
@@ -119,9 +139,12 @@ class CachedLoader:
         self.skips = None
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        # float16 as stored (half the bytes to copy; the trainer converts on the device), pinned for async copies
+        pin = torch.cuda.is_available()
         for indices in self.sampler:
-            yield (torch.from_numpy(self.cache.tokens[indices].astype(np.float32)),
-                   torch.from_numpy(self.cache.ids[indices].astype(np.int64)))
+            tokens = torch.from_numpy(self.cache.tokens[indices])
+            ids = torch.from_numpy(self.cache.ids[indices].astype(np.int64))
+            yield (tokens.pin_memory(), ids.pin_memory()) if pin else (tokens, ids)
 
 
 def cached_loader(cache: FeatureCache, *, global_batch: int, rank: int, world: int, seed: int,

@@ -83,7 +83,9 @@ class LiTModule(nn.Module):
         ln = self.head.ln_final
         img = ops.patch_pool(head_tokens, num_registers=self.num_registers, ln_weight=ln.weight, ln_bias=ln.bias,
                              eps=ln.eps)
-        return img, self.text(ids)
+        # fp32 out: under CUDA autocast the text projection is bf16 while the pooled image vector is fp32; the
+        # loss accumulates in fp32 anyway and these are [B, E] vectors.
+        return img.float(), self.text(ids).float()
 
 
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
@@ -180,11 +182,9 @@ def build_model(cfg: TrainConfig, device: torch.device, precision: str) -> DinoT
     model = create_model(cfg.preset, **overrides)
     if cfg.backbone_weights:
         model.load_official(backbone=cfg.backbone_weights)
-    model.backbone.requires_grad_(not cfg.freeze_backbone)
-    model.to(device)
-    if precision == "bf16" and cfg.freeze_backbone:
-        model.backbone.to(torch.bfloat16)  # frozen: no master weights needed
-    return model
+    model.backbone.requires_grad_(False)  # LiT: the backbone is frozen and runs without autograd state
+    # Its weights stay fp32 and run under autocast like the rest: bf16 weights would double the backbone's error.
+    return model.to(device)
 
 
 def train(cfg: TrainConfig, out_dir, resume: Optional[str] = None, progress: bool = True) -> dict:
@@ -225,7 +225,8 @@ def train(cfg: TrainConfig, out_dir, resume: Optional[str] = None, progress: boo
         trainable = nn.parallel.DistributedDataParallel(lit, device_ids=[device.index] if device.type == "cuda"
                                                         else None)
     optimizer = torch.optim.AdamW(param_groups(lit, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                                  fused=device.type == "cuda" and not fsdp)
+                                  fused=device.type == "cuda" and not fsdp,
+                                  foreach=False if fsdp else None)  # foreach can't mix DTensors and tensors
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, functools.partial(lr_lambda, warmup=cfg.warmup_steps, total=cfg.steps))
 
@@ -256,7 +257,9 @@ def train(cfg: TrainConfig, out_dir, resume: Optional[str] = None, progress: boo
                              image_size=cfg.image_size, train=True)
     if resume_path is not None and getattr(loader, "skips", None) is not None:
         loader.skips.update(state.get("data", {}).get("skips", {}))  # counts stay cumulative across resumes
-    evaluator = Evaluator(model, cfg, device, precision) if (d.main and cfg.eval_data) else None
+    # Every rank evaluates (the same set; only rank 0 writes): an FSDP-sharded text tower needs all ranks in its
+    # forward, and no rank sits in a collective while rank 0 evaluates, whatever the collective timeout.
+    evaluator = Evaluator(model, cfg, device, precision) if cfg.eval_data else None
 
     def checkpoint_state(step: int) -> dict:
         rng = ckpt.rng_state()
@@ -313,16 +316,20 @@ def train(cfg: TrainConfig, out_dir, resume: Optional[str] = None, progress: boo
                 ids = ids.to(device, non_blocking=True)
                 with _autocast(device, precision):
                     if cfg.feature_cache:
-                        tokens = images_or_tokens
+                        tokens = images_or_tokens.float()  # stored as float16
                     else:
-                        tokens = model.backbone_tokens(images_or_tokens.to(next(model.backbone.parameters()).dtype))
+                        tokens = model.backbone_tokens(images_or_tokens)
                     img, txt = trainable(tokens, ids)
                 loss = ops.contrastive_loss(img, txt, lit.logit_scale, group=d.group)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                for p in replicated:  # FSDP mode: average the replicated parameters' gradients
-                    dist.all_reduce(p.grad)
-                    p.grad /= d.world
+                if replicated:  # FSDP mode: average the replicated parameters' gradients in one collective
+                    grads = [p.grad for p in replicated]
+                    flat = torch.cat([g.reshape(-1) for g in grads])
+                    dist.all_reduce(flat)
+                    flat /= d.world
+                    for g, new in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+                        g.copy_(new)
                 # One small all-reduce carries the mean loss and any rank's stop signal, so that all ranks stop
                 # (for a non-finite loss or SIGTERM) at the same step and no collective is left waiting.
                 status = torch.stack([loss.detach().float(), torch.tensor(float(stop.signum is not None),

@@ -150,8 +150,10 @@ contrastive_partial_backward = KERNELS["contrastive_partial_backward"]
 
 
 def supports(tensor: torch.Tensor, info: dict):
+    if tensor.dtype == torch.float16:
+        return f"the CUDA contrastive kernels: {reference.TILED_FP16_REASON}"
     if tensor.dtype not in _DTYPE_NAMES:
-        return (f"the CUDA contrastive kernels take float32, float16 or bfloat16, got {tensor.dtype} "
+        return (f"the CUDA contrastive kernels take float32 or bfloat16, got {tensor.dtype} "
                 "(use backend='torch' for float64)")
     return None
 

@@ -254,8 +254,8 @@ def _delta_kernel(O, DO, DELTA, sob, son, soh, sod, sdb, sdn, sdh, sdd, H, N_Q,
 
 
 @triton.jit
-def _bwd_kv_block(dk, dv, k, v, Q, DO, LSE, DELTA, DQACC, start_m, offs_n, offs_d, offs_dv, sqn, sqd, sdn, sdd,
-                  sdqn, lse_row, N_Q, qk_scale, scale,
+def _bwd_kv_block(dk, dv, k, v, Q, DO, LSE, DELTA, DQACC, start_m, offs_n, offs_d, offs_dv, kv_len, sqn, sqd, sdn,
+                  sdd, sdqn, lse_row, N_Q, qk_scale, scale,
                   HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                   BLOCK_M: tl.constexpr, CAUSAL_MASK: tl.constexpr, CHECK_ROWS: tl.constexpr,
                   ATOMIC_DQ: tl.constexpr, DOT_PREC: tl.constexpr):
@@ -274,7 +274,9 @@ def _bwd_kv_block(dk, dv, k, v, Q, DO, LSE, DELTA, DQACC, start_m, offs_n, offs_
         lse2 = tl.load(LSE + lse_row + offs_m) * 1.4426950408889634
         delta = tl.load(DELTA + lse_row + offs_m)
     qkt = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # [BLOCK_N, BLOCK_M]
-    pt = tl.exp2(qkt - lse2[None, :])
+    # Keys past kv_len (loaded as 0) must get p = 0 too: exp2(0 - lse2) overflows to inf for very negative lse
+    # and inf * 0 would put NaN into dQ.
+    pt = tl.where(offs_n[:, None] < kv_len, tl.exp2(qkt - lse2[None, :]), 0.0)
     if CAUSAL_MASK:
         pt = tl.where(offs_m[None, :] >= offs_n[:, None], pt, 0.0)
     dv += tl.dot(pt.to(v.dtype), do, input_precision=DOT_PREC)
@@ -312,16 +314,16 @@ def _bwd_kv_tile(Q, K, V, DO, DK, DV, LSE, DELTA, DQACC, start_n, kv_len, sqn, s
             diag_end = start_n + tl.cdiv(BLOCK_N, BLOCK_M) * BLOCK_M
             for start_m in range(start_n, diag_end, BLOCK_M):
                 dk, dv = _bwd_kv_block(dk, dv, k, v, Q, DO, LSE, DELTA, DQACC, start_m, offs_n, offs_d, offs_dv,
-                                       sqn, sqd, sdn, sdd, sdqn, lse_row, N_Q, qk_scale, scale, HEAD_D, HEAD_DV,
+                                       kv_len, sqn, sqd, sdn, sdd, sdqn, lse_row, N_Q, qk_scale, scale, HEAD_D, HEAD_DV,
                                        BLOCK_D, BLOCK_DV, BLOCK_M, True, True, ATOMIC_DQ, DOT_PREC)
         m_full = diag_end + tl.maximum(N_Q - diag_end, 0) // BLOCK_M * BLOCK_M
         for start_m in range(diag_end, m_full, BLOCK_M):
             dk, dv = _bwd_kv_block(dk, dv, k, v, Q, DO, LSE, DELTA, DQACC, start_m, offs_n, offs_d, offs_dv,
-                                   sqn, sqd, sdn, sdd, sdqn, lse_row, N_Q, qk_scale, scale, HEAD_D, HEAD_DV,
+                                   kv_len, sqn, sqd, sdn, sdd, sdqn, lse_row, N_Q, qk_scale, scale, HEAD_D, HEAD_DV,
                                    BLOCK_D, BLOCK_DV, BLOCK_M, False, False, ATOMIC_DQ, DOT_PREC)
         for start_m in range(m_full, N_Q, BLOCK_M_TAIL):
             dk, dv = _bwd_kv_block(dk, dv, k, v, Q, DO, LSE, DELTA, DQACC, start_m, offs_n, offs_d, offs_dv,
-                                   sqn, sqd, sdn, sdd, sdqn, lse_row, N_Q, qk_scale, scale, HEAD_D, HEAD_DV,
+                                   kv_len, sqn, sqd, sdn, sdd, sdqn, lse_row, N_Q, qk_scale, scale, HEAD_D, HEAD_DV,
                                    BLOCK_D, BLOCK_DV, BLOCK_M_TAIL, False, True, ATOMIC_DQ, DOT_PREC)
         dk = tl.where(offs_n[:, None] < kv_len, dk * scale, 0.0)
         dv = tl.where(offs_n[:, None] < kv_len, dv, 0.0)
@@ -497,7 +499,7 @@ def _common(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, len
         CAUSAL=bool(causal), HAS_LENS=lengths is not None,
         # fp32 inputs get true fp32 products (not TF32) to meet the ~1e-5 fp32 tolerance.
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-    ), (lengths if lengths is not None else lse)
+    ), (lengths.contiguous() if lengths is not None else lse)  # the kernels index lengths densely
 
 
 def _grid(n_tiles_of, n_q_or_k: int, bh: int):
@@ -556,6 +558,9 @@ def supports(tensor: torch.Tensor, info: dict) -> Optional[str]:
         return f"the Triton attention kernels take fp16, bf16 or fp32, got {tensor.dtype}"
     if _INTERPRET and tensor.dtype == torch.bfloat16 and tensor.device.type == "cpu":
         return "Triton's CPU interpreter miscomputes tl.dot on bf16 operands; use fp16 or fp32 there"
+    batch_heads = info.get("batch_heads")
+    if batch_heads is not None and batch_heads > 65535:
+        return f"the Triton attention kernels launch B*H on a grid axis limited to 65535, got B*H={batch_heads}"
     for name in ("head_dim", "value_dim"):
         dim = info.get(name)
         if dim is not None and not 1 <= dim <= MAX_HEAD_DIM:

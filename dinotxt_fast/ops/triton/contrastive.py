@@ -373,6 +373,8 @@ contrastive_partial_backward = KERNELS["contrastive_partial_backward"]
 
 
 def _supports(tensor: torch.Tensor, info: dict):
+    if tensor.dtype == torch.float16:
+        return f"the Triton contrastive kernels: {reference.TILED_FP16_REASON}"
     if tensor.dtype not in _SUPPORTED_DTYPES:
         return (f"the Triton contrastive kernels take {[str(d) for d in _SUPPORTED_DTYPES]}, got {tensor.dtype} "
                 "(use backend='torch' for float64)")

@@ -129,7 +129,7 @@ def _bilinear(ptrs, y0, y1, wy, x0, x1, wx, s_h, s_w, mask):
     v11 = tl.load(ptrs + (r1 + q1), mask=mask, other=0.0).to(tl.float32)
     wy = wy[None, :]
     wx = wx[None, :]
-    # rows first, then columns: the order of F.interpolate and of the reference
+    # rows first, then columns, as the reference does (rounding may differ from F.interpolate in the last bit)
     return (v00 * (1.0 - wy) + v10 * wy) * (1.0 - wx) + (v01 * (1.0 - wy) + v11 * wy) * wx
 
 
@@ -142,7 +142,8 @@ def _argmax_update(v, classes, best, label):
     return tl.where(better, chunk_max, best), tl.where(better, chunk_arg, label)
 
 
-@triton.autotune(configs=_decode_configs(), key=["C", "H", "W", "SOFTMAX"])
+# Keyed on the class count only: every image size would otherwise re-run the autotuner (~1 s) on a ms kernel.
+@triton.autotune(configs=_decode_configs(), key=["C", "SOFTMAX"])
 @triton.jit
 def _upsample_argmax(x_ptr, s_b, s_c, s_h, s_w, labels_ptr, scores_ptr, C, h, w, H, W,
                      SOFTMAX: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
@@ -180,7 +181,7 @@ def upsample_argmax(logits, size, softmax: bool):
     return labels, scores
 
 
-@triton.autotune(configs=_decode_configs(), key=["C", "max_area"])
+@triton.autotune(configs=_decode_configs(), key=["C"])
 @triton.jit
 def _window_lse(x_ptr, s_n, s_c, s_h, s_w, table_ptr, lse_ptr, C, h, w, max_area,
                 BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
@@ -223,7 +224,7 @@ def _window_tap(base, classes, c_ok, s_c, s_h, s_w, h, w, lse_ptr, off, bh, bw, 
     return tl.where(mask, v * coef[None, :], 0.0)
 
 
-@triton.autotune(configs=_decode_configs(), key=["C", "H", "W", "n_windows", "SOFTMAX"])
+@triton.autotune(configs=_decode_configs(), key=["C", "SOFTMAX"])
 @triton.jit
 def _slide_decode(x_ptr, s_n, s_c, s_h, s_w, table_ptr, n_windows, lse_ptr, labels_ptr, scores_ptr,
                   C, h, w, Hc, Wc, H, W, SOFTMAX: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):

@@ -224,6 +224,9 @@ def _pooled_partials(tokens, num_registers, has_ln, eps):
 
 def patch_pool_forward(tokens, num_registers: int, ln_weight, ln_bias, eps: float, normalize: bool):
     b, n, d = tokens.shape
+    # the kernels index the LayerNorm parameters densely (they are tiny: a copy only if they are strided views)
+    ln_weight = ln_weight.contiguous() if ln_weight is not None else None
+    ln_bias = ln_bias.contiguous() if ln_bias is not None else None
     has_ln = ln_weight is not None
     part, splits = _pooled_partials(tokens, num_registers, has_ln, eps)
     out = _empty(b, 2 * d, dtype=tokens.dtype, device=tokens.device)
@@ -237,6 +240,9 @@ def patch_pool_forward(tokens, num_registers: int, ln_weight, ln_bias, eps: floa
 
 def patch_pool_backward(grad_out, tokens, num_registers: int, ln_weight, ln_bias, eps: float, normalize: bool):
     b, n, d = tokens.shape
+    # the kernels index the LayerNorm parameters densely (they are tiny: a copy only if they are strided views)
+    ln_weight = ln_weight.contiguous() if ln_weight is not None else None
+    ln_bias = ln_bias.contiguous() if ln_bias is not None else None
     has_ln = ln_weight is not None
     block_d = triton.next_power_of_2(d)
     device = tokens.device
