@@ -26,6 +26,7 @@ class TrainConfig:
     # data
     data: str = "synthetic"                            # "synthetic[:N]", shard pattern "a-{000..099}.tar", .csv/.tsv
     image_size: int = 224
+    crop_scale: tuple = (0.08, 1.0)                    # RandomResizedCrop area range (the official recipe's)
     num_workers: int = 8
     # optimisation (the official DINO.txt recipe)
     batch_size: int = 256                              # per process
@@ -57,6 +58,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
+        self.crop_scale = tuple(self.crop_scale)
+        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ConfigError(f"crop_scale: need [low, high] with 0 < low <= high <= 1, got {list(self.crop_scale)}")
         if self.preset not in PRESETS:
             raise ConfigError(f"preset: unknown {self.preset!r}; available: {sorted(PRESETS)}")
         model_fields = {f.name for f in dataclasses.fields(DinoTxtConfig)}
@@ -93,6 +97,7 @@ class TrainConfig:
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         out["betas"] = list(self.betas)
+        out["crop_scale"] = list(self.crop_scale)
         return out
 
 

@@ -254,7 +254,7 @@ def train(cfg: TrainConfig, out_dir, resume: Optional[str] = None, progress: boo
     else:
         loader = make_loader(cfg.data, global_batch=global_batch, rank=d.rank, world=d.world, seed=cfg.seed,
                              start_step=start_step, num_workers=cfg.num_workers, context_length=context_length,
-                             image_size=cfg.image_size, train=True)
+                             image_size=cfg.image_size, train=True, crop_scale=cfg.crop_scale)
     if resume_path is not None and getattr(loader, "skips", None) is not None:
         loader.skips.update(state.get("data", {}).get("skips", {}))  # counts stay cumulative across resumes
     # Every rank evaluates (the same set; only rank 0 writes): an FSDP-sharded text tower needs all ranks in its
