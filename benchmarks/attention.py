@@ -25,9 +25,6 @@ import contextlib
 import json
 import math
 import os
-import platform
-import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -106,39 +103,6 @@ def select_cases(args) -> list[Case]:
 
 
 # ----------------------------------------------------------------------------------------------- environment
-def _run(cmd) -> Optional[str]:
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=20, cwd=ROOT).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def _version(module: str) -> Optional[str]:
-    try:
-        return getattr(__import__(module), "__version__", "unknown")
-    except Exception:  # noqa: BLE001 - any import failure means "not available"
-        return None
-
-
-def environment(torch, device) -> dict:
-    import triton
-
-    env = {
-        "python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
-        "triton": triton.__version__, "cuda_runtime": torch.version.cuda, "xformers": _version("xformers"),
-        "flash_attn": _version("flash_attn"), "git_commit": _run(["git", "rev-parse", "HEAD"]),
-        "git_dirty": bool(_run(["git", "status", "--porcelain", "--untracked-files=no"])),
-        "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
-        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        env.update(gpu=props.name, sm_count=props.multi_processor_count, gpu_memory_gb=round(props.total_memory / 2**30, 1),
-                   compute_capability=f"{props.major}.{props.minor}", cudnn=torch.backends.cudnn.version(),
-                   driver=_run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]))
-    return env
-
-
 # -------------------------------------------------------------------------------------------- implementations
 def implementations(torch, F, ops, device) -> dict[str, Callable]:
     """name -> fn(q, k, v, causal, lengths) on [B, N, H, Dh] views; baselines ignore lengths (see the docstring)."""
@@ -197,29 +161,6 @@ def _optional_libraries() -> dict[str, Callable]:
 
 
 # ------------------------------------------------------------------------------------------------------ timing
-def timer(torch, device, quick: bool):
-    if device.type == "cuda":
-        import triton.testing
-
-        def measure(fn):
-            fn()
-            torch.cuda.synchronize()
-            median, q20, q80 = triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=40 if quick else 200,
-                                                       quantiles=[0.5, 0.2, 0.8])
-            return median, q20, q80
-    else:
-        def measure(fn):
-            fn()
-            times = []
-            for _ in range(3 if quick else 10):
-                start = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - start) * 1e3)
-            qs = statistics.quantiles(times, n=10) if len(times) > 1 else times * 9
-            return statistics.median(times), qs[1], qs[7]
-    return measure
-
-
 def peak_memory(torch, device, fn) -> Optional[float]:
     if device.type != "cuda":
         return None
@@ -339,6 +280,7 @@ def main(argv=None) -> int:
     if args.device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are imported
     sys.path.insert(0, str(ROOT))
+    from benchmarks.common import environment, library_version, time_ms
     import torch
     import torch.nn.functional as F
 
@@ -351,8 +293,12 @@ def main(argv=None) -> int:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
         args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     impls = implementations(torch, F, ops, device)
-    measure = timer(torch, device, args.quick or device.type == "cpu")
-    env = environment(torch, device)
+    quick = args.quick or device.type == "cpu"
+
+    def measure(fn):
+        return time_ms(fn, device, quick)
+
+    env = {**environment(device), "xformers": library_version("xformers"), "flash_attn": library_version("flash_attn")}
     print(f"attention benchmark on {env.get('gpu', 'cpu')} ({dtype}); implementations: {list(impls)}", flush=True)
     rows = []
     for case in cases:

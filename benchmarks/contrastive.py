@@ -25,14 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks.common import environment, time_ms  # noqa: E402
 FULL_CASES = ["4096x4096", "4096x32768", "65536x65536"]
 QUICK_CASES = ["4096x4096", "4096x32768"]
 CPU_CASES = ["48x48", "32x96"]
@@ -200,8 +199,6 @@ def measure(torch, fn, device, quick):
     out_bytes = sum(g.numel() * g.element_size() for g in grads)
     del grads
     if device == "cuda":
-        from triton.testing import do_bench
-
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         before = torch.cuda.memory_allocated()
@@ -209,56 +206,14 @@ def measure(torch, fn, device, quick):
         fn()
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - before
-        rep, warmup = (50, 10) if quick else (200, 25)
-        median, p20, p80 = do_bench(lambda: fn(), warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8])
-        return (median, p20, p80), peak, out_bytes
-    times = []
-    for _ in range(3 if quick else 10):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    times.sort()
-    q = statistics.quantiles(times, n=5, method="inclusive") if len(times) > 1 else times * 4
-    return (statistics.median(times), q[0], q[3]), None, out_bytes
-
-
-def environment(torch, device) -> dict:
-    def git(*cmd):
-        try:
-            return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return None
-
-    import triton
-
-    import dinotxt_fast
-    from dinotxt_fast import _ext
-
-    env = {"python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
-           "triton": triton.__version__, "dinotxt_fast": dinotxt_fast.__version__, "cuda_runtime_torch":
-           torch.version.cuda, "git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain")),
-           "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": device,
-           "allow_tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
-           "extension": _ext.cuda_info() if _ext.extension() is not None else _ext.extension_error()}
-    if device == "cuda":
-        props = torch.cuda.get_device_properties(0)
-        env.update(gpu=props.name, sm_count=props.multi_processor_count, gpu_memory=props.total_memory,
-                   capability=f"{props.major}.{props.minor}")
-        try:
-            env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                           capture_output=True, text=True, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            env["driver"] = None
-    else:
-        env["cpu"] = platform.processor() or platform.machine()
-    return env
+        return time_ms(fn, device, quick), peak, out_bytes
+    return time_ms(fn, device, quick), None, out_bytes
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.device == "cpu":
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: the Triton kernels run interpreted
-    sys.path.insert(0, str(ROOT))
     import torch
     import torch.nn.functional as F
 
@@ -308,7 +263,8 @@ def main(argv=None) -> int:
             if base["case"] == row["case"] and base["status"] == "ok" and not base["method"].startswith("ours_"):
                 speedups.setdefault(row["case"], {})[f"{row['method']}/{base['method']}"] = (
                     base["median_ms"] / row["median_ms"])
-    report = {"benchmark": "contrastive", "environment": environment(torch, device),
+    report = {"benchmark": "contrastive", "environment": {**environment(device),
+                                                              "allow_tf32_matmul": torch.backends.cuda.matmul.allow_tf32},
               "settings": {"quick": args.quick, "dim": args.dim, "dtype": args.dtype,
                            "flops_counted": "8 * b_local * b_global * dim"},
               "results": results, "speedups": speedups}

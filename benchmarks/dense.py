@@ -23,9 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,6 +33,7 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.common import environment, time_ms  # noqa: E402
 
 EPS = 1e-5
 TINY_MODEL = dict(vision_dim=64, vision_depth=2, vision_heads=4, pos_embed_grid=4, text_dim=64, text_layers=2,
@@ -73,21 +72,8 @@ def segment_case(device: str, quick: bool) -> dict:
 # ------------------------------------------------------------------------------------------------ measuring
 def bench(fn, device: torch.device, quick: bool) -> dict:
     """Median and 20/80% quantiles of fn's time in ms."""
-    if device.type == "cuda":
-        from triton.testing import do_bench
-
-        median, q20, q80 = do_bench(fn, warmup=10 if quick else 25, rep=50 if quick else 200,
-                                    quantiles=[0.5, 0.2, 0.8])
-        return {"median_ms": median, "q20_ms": q20, "q80_ms": q80}
-    fn()
-    times = []
-    for _ in range(3 if quick else 10):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    times.sort()
-    return {"median_ms": statistics.median(times), "q20_ms": times[int(0.2 * (len(times) - 1))],
-            "q80_ms": times[int(0.8 * (len(times) - 1))]}
+    median, q20, q80 = time_ms(fn, device, quick)
+    return {"median_ms": median, "q20_ms": q20, "q80_ms": q80}
 
 
 def peak_extra_bytes(fn, device: torch.device):
@@ -274,40 +260,6 @@ def run_segment(case: dict, device: torch.device, quick: bool) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ environment
-def environment(device: torch.device) -> dict:
-    import dinotxt_fast
-    from dinotxt_fast import _ext, ops
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True,
-                                    text=True).stdout.strip())
-    except OSError:
-        commit, dirty = None, None
-    env = {"torch": torch.__version__, "dinotxt_fast": dinotxt_fast.__version__, "python": platform.python_version(),
-           "git_commit": commit, "git_dirty": dirty, "device": str(device), "backends": ops.backends()}
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
-    if device.type == "cuda":
-        info = _ext.cuda_info()
-        env.update(gpu=torch.cuda.get_device_name(device), cuda_torch=torch.version.cuda,
-                   sm_count=torch.cuda.get_device_properties(device).multi_processor_count,
-                   driver=info.get("driver_version"), cuda_extension_runtime=info.get("runtime_version"))
-        if env["driver"] is None:
-            try:
-                env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                               capture_output=True, text=True).stdout.strip() or None
-            except OSError:
-                pass
-    else:
-        env["cpu"] = platform.processor() or platform.machine()
-    return env
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)

@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,8 +24,8 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.common import environment  # noqa: E402
 
-import dinotxt_fast  # noqa: E402
 from dinotxt_fast import ops  # noqa: E402
 from dinotxt_fast.train.config import load_config  # noqa: E402
 from dinotxt_fast.train.loop import LiTModule, build_model, param_groups  # noqa: E402
@@ -115,26 +113,6 @@ def measure(step, images, ids, warmup: int, steps: int, device) -> dict:
     return {"median_s": median, "q20_s": times[int(0.2 * (len(times) - 1))], "q80_s": times[int(0.8 * (len(times) - 1))],
             "samples_per_s": images.shape[0] / median,
             "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None}
-
-
-def environment(device) -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = None
-    env = {"torch": torch.__version__, "dinotxt_fast": dinotxt_fast.__version__, "python": platform.python_version(),
-           "git_commit": commit, "device": str(device), "backends": ops.backends()}
-    if device.type == "cuda":
-        env.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda)
-    else:
-        env.update(cpu=platform.processor() or platform.machine())
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
-    return env
 
 
 def main(argv=None) -> int:
