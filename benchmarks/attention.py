@@ -280,7 +280,7 @@ def main(argv=None) -> int:
     if args.device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are imported
     sys.path.insert(0, str(ROOT))
-    from benchmarks.common import environment, library_version, time_ms
+    from benchmarks.harness import environment, library_version, time_ms
     import torch
     import torch.nn.functional as F
 

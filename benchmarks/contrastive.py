@@ -31,7 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import environment, time_ms  # noqa: E402
+from benchmarks.harness import environment, time_ms  # noqa: E402
 FULL_CASES = ["4096x4096", "4096x32768", "65536x65536"]
 QUICK_CASES = ["4096x4096", "4096x32768"]
 CPU_CASES = ["48x48", "32x96"]

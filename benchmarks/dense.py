@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import environment, time_ms  # noqa: E402
+from benchmarks.harness import environment, time_ms  # noqa: E402
 
 EPS = 1e-5
 TINY_MODEL = dict(vision_dim=64, vision_depth=2, vision_heads=4, pos_embed_grid=4, text_dim=64, text_layers=2,

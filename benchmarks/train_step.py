@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import environment  # noqa: E402
+from benchmarks.harness import environment  # noqa: E402
 
 from dinotxt_fast import ops  # noqa: E402
 from dinotxt_fast.train.config import load_config  # noqa: E402

@@ -1,0 +1,287 @@
+"""The one benchmark harness every script in benchmarks/ uses.
+
+- `environment(device)`: machine, driver, CUDA, torch, triton, baseline-library versions, git commit, kernel backends.
+- `measure_ceilings(device)`: what this machine can do at best, measured first: dense matmul TFLOP/s (bf16 on a GPU,
+  fp32 on a CPU) and device-to-device copy GB/s (bytes read + written). Every result is also a fraction of these.
+- `Rotation`: several copies of a case's inputs, together bigger than twice the L2 cache, cycled through by the timed
+  function so that no timed call finds its inputs in L2 from the previous one.
+- `time_ms(fn)`: median and 20/80 % quantiles: CUDA events through `triton.testing.do_bench` on a GPU (warm-up
+  included), perf_counter repeats on a CPU (smoke runs).
+- `peak_memory_mib(fn)`: the peak allocated during one call above what was allocated before it.
+- `result(...)`: one JSON row; `add_ratios(rows)`: best baseline / ours per case and pass; `write_results(...)`: the
+  JSON file `<benchmark>-<machine>-<time>.json` that `benchmarks/report.py` turns into tables and plots.
+
+Row convention: `impl` names starting with "ours" are dinotxt-fast; every other timed row is a baseline.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+SCHEMA = 2  # bump when the row layout changes; report.py reads this
+OPTIONAL_LIBRARIES = ("xformers", "flash_attn", "inf_cl", "open_clip")
+
+
+def _run(cmd) -> Optional[str]:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=20, cwd=ROOT).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def library_version(module: str) -> Optional[str]:
+    """The version of an optional library, None when it does not import."""
+    try:
+        return getattr(__import__(module), "__version__", "unknown")
+    except Exception:  # noqa: BLE001 - any import failure means "not available"
+        return None
+
+
+def environment(device) -> dict:
+    """Machine, versions, git commit and kernel backends: saved with every result file."""
+    import torch
+
+    import dinotxt_fast
+    from dinotxt_fast import _ext, ops
+
+    device = torch.device(device)
+    env = {"python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
+           "triton": library_version("triton"), "dinotxt_fast": dinotxt_fast.__version__,
+           "cuda_runtime_torch": torch.version.cuda, "git_commit": _run(["git", "rev-parse", "HEAD"]),
+           "git_dirty": bool(_run(["git", "status", "--porcelain", "--untracked-files=no"])),
+           "device": str(device), "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
+           "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "backends": ops.backends(),
+           "extension": _ext.cuda_info() if _ext.extension() is not None else _ext.extension_error(),
+           "libraries": {name: library_version(name) for name in OPTIONAL_LIBRARIES}}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(gpu=props.name, sm_count=props.multi_processor_count,
+                   gpu_memory_gb=round(props.total_memory / 2**30, 1),
+                   l2_cache_mb=round(getattr(props, "L2_cache_size", 0) / 2**20, 1),
+                   compute_capability=f"{props.major}.{props.minor}", cudnn=torch.backends.cudnn.version(),
+                   driver=_run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]))
+    else:
+        env["cpu"] = platform.processor() or platform.machine()
+        env["cpu_count"] = os.cpu_count()
+    return env
+
+
+def machine_tag(env: dict) -> str:
+    """A short file-name-safe machine name: the GPU's, or cpu."""
+    name = env.get("gpu") or "cpu"
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+# ------------------------------------------------------------------------------------------------------- timing
+def is_cuda(device) -> bool:
+    return str(device).startswith("cuda")
+
+
+def synchronize(device) -> None:
+    if is_cuda(device):
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], object], device, quick: bool) -> tuple[float, float, float]:
+    """(median, 20 %, 80 %) of fn's time in ms."""
+    if is_cuda(device):
+        from triton.testing import do_bench
+
+        median, q20, q80 = do_bench(fn, warmup=10 if quick else 25, rep=40 if quick else 150,
+                                    quantiles=[0.5, 0.2, 0.8])
+        return median, q20, q80
+    fn()
+    times = []
+    for _ in range(3 if quick else 10):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    times.sort()
+    return statistics.median(times), times[int(0.2 * (len(times) - 1))], times[int(0.8 * (len(times) - 1))]
+
+
+def peak_memory_mib(fn: Callable[[], object], device) -> Optional[float]:
+    """Peak memory allocated during one call of fn above what was allocated before it (None on a CPU)."""
+    if not is_cuda(device):
+        return None
+    import torch
+
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    out = fn()
+    torch.cuda.synchronize(device)
+    del out
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def l2_bytes(device) -> int:
+    if not is_cuda(device):
+        return 32 * 2**20  # a typical last-level cache; CPU runs are smoke runs anyway
+    import torch
+
+    return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 50 * 2**20)
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes of every tensor in a (nested) tuple/list/dict."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+class Rotation:
+    """Copies of one case's inputs, together at least twice the L2 cache (at most `max_copies`): `next()` returns
+    them in turn, so a timed call never reads inputs the previous call left in L2.
+
+        inputs = Rotation(lambda: make_inputs(case), device)
+        time_ms(lambda: fn(*inputs.next()), device, quick)
+    """
+
+    def __init__(self, make: Callable[[], Sequence], device, max_copies: int = 8):
+        first = make()
+        per_set = max(tensor_bytes(first), 1)
+        copies = min(max_copies, max(1, math.ceil(2 * l2_bytes(device) / per_set)))
+        self.sets = [first] + [make() for _ in range(copies - 1)]
+        self.bytes_per_set = per_set
+        self._i = 0
+
+    def __len__(self) -> int:
+        return len(self.sets)
+
+    def next(self):
+        self._i = (self._i + 1) % len(self.sets)
+        return self.sets[self._i]
+
+
+# ----------------------------------------------------------------------------------------------------- ceilings
+def measure_ceilings(device, quick: bool = False) -> dict:
+    """Dense matmul TFLOP/s and copy GB/s on this device, measured now (a few seconds on a GPU)."""
+    import torch
+
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    n = 8192 if cuda else 512
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    mm_ms, _, _ = time_ms(lambda: torch.mm(a, b), device, quick)
+    del a, b
+    numel = (1 << 28 if cuda else 1 << 24)  # 512 MiB of bf16 on a GPU (>> L2), 64 MiB of fp32 on a CPU
+    src = torch.empty(numel, device=device, dtype=torch.float16 if cuda else torch.float32).uniform_()
+    dst = torch.empty_like(src)
+    copy_ms, _, _ = time_ms(lambda: dst.copy_(src), device, quick)
+    moved = 2 * src.numel() * src.element_size()
+    del src, dst
+    if cuda:
+        torch.cuda.empty_cache()
+    return {"matmul_tflops": 2 * n**3 / (mm_ms * 1e-3) / 1e12, "matmul_dtype": str(dtype).replace("torch.", ""),
+            "matmul_shape": [n, n, n], "copy_gbps": moved / (copy_ms * 1e-3) / 1e9,
+            "copy_bytes": moved, "note": "copy counts bytes read + written"}
+
+
+# ------------------------------------------------------------------------------------------------------ results
+def result(case: str, impl: str, timing: Optional[tuple] = None, *, pass_: Optional[str] = None,
+           shape: Optional[dict] = None, flops: Optional[float] = None, bytes_moved: Optional[float] = None,
+           items: Optional[float] = None, item_name: Optional[str] = None, peak_memory: Optional[float] = None,
+           ceilings: Optional[dict] = None, skipped: Optional[str] = None, **extra) -> dict:
+    """One result row. `timing` is time_ms's tuple; `flops`/`bytes_moved`/`items` are the work of one call, from
+    which TFLOP/s, GB/s and items/s (e.g. images/s) are derived, plus the fraction of the measured ceilings."""
+    row = {"case": case, "impl": impl, "pass": pass_, "shape": shape or {}}
+    if skipped is not None or timing is None:
+        row["skipped"] = skipped or "not timed"
+        return {**row, **extra}
+    median, q20, q80 = timing
+    row.update(median_ms=median, q20_ms=q20, q80_ms=q80, peak_memory_mib=peak_memory)
+    seconds = median * 1e-3
+    if flops:
+        row["tflops"] = flops / seconds / 1e12
+        if ceilings and ceilings.get("matmul_tflops"):
+            row["fraction_of_matmul_peak"] = row["tflops"] / ceilings["matmul_tflops"]
+    if bytes_moved:
+        row["gbps"] = bytes_moved / seconds / 1e9
+        if ceilings and ceilings.get("copy_gbps"):
+            row["fraction_of_copy_bandwidth"] = row["gbps"] / ceilings["copy_gbps"]
+    if items:
+        row[f"{item_name or 'items'}_per_s"] = items / seconds
+    row.update(extra)
+    return row
+
+
+def is_ours(row: dict) -> bool:
+    return row["impl"].startswith("ours")
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """For each of our timed rows: the best baseline of the same case and pass, its time / ours (speedup, >1 is
+    faster) and its peak memory / ours (memory saving), both measured in this run."""
+    timed = [r for r in rows if "median_ms" in r]
+    for r in timed:
+        if not is_ours(r):
+            continue
+        base = [b for b in timed if b["case"] == r["case"] and b["pass"] == r["pass"] and not is_ours(b)]
+        if not base:
+            continue
+        best = min(base, key=lambda b: b["median_ms"])
+        r["best_baseline"] = best["impl"]
+        r["speedup_vs_best_baseline"] = best["median_ms"] / r["median_ms"]
+        if best.get("peak_memory_mib") and r.get("peak_memory_mib"):
+            r["memory_ratio_vs_best_baseline"] = best["peak_memory_mib"] / r["peak_memory_mib"]
+
+
+def print_row(row: dict) -> None:
+    """One line per row while a benchmark runs."""
+    head = f"  {row['case'][:34]:34s} {row['impl'][:34]:34s} {(row.get('pass') or '')[:8]:8s}"
+    if "skipped" in row:
+        print(f"{head} skipped: {row['skipped'][:120]}", flush=True)
+        return
+    parts = [f"{row['median_ms']:9.3f} ms"]
+    for key, unit in (("tflops", "TFLOP/s"), ("gbps", "GB/s")):
+        if key in row:
+            parts.append(f"{row[key]:7.1f} {unit}")
+    parts += [f"{row[k]:.1f} {k[:-6]}/s" for k in row if k.endswith("_per_s")]
+    if row.get("peak_memory_mib") is not None:
+        parts.append(f"{row['peak_memory_mib']:.0f} MiB")
+    print(f"{head} " + "  ".join(parts), flush=True)
+
+
+def _finite(value):
+    """JSON has no NaN/inf: write them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def write_results(benchmark: str, rows: list[dict], env: dict, ceilings: Optional[dict], out_dir, *,
+                  settings: Optional[dict] = None, notes: Optional[dict] = None) -> Path:
+    """Write one run's JSON: benchmark name, environment, ceilings, settings (dtype, quick...), notes (how the work
+    of a case is counted) and the rows. Returns the path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{benchmark}-{machine_tag(env)}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    record = {"benchmark": benchmark, "schema": SCHEMA, "environment": env, "ceilings": ceilings,
+              "settings": settings or {}, "notes": notes or {}, "results": rows}
+    path.write_text(json.dumps(_finite(record), indent=1, default=str) + "\n")
+    print(f"wrote {path}", flush=True)
+    return path
