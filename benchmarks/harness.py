@@ -172,11 +172,23 @@ class Rotation:
 
 
 # ----------------------------------------------------------------------------------------------------- ceilings
+_CEILINGS: dict[str, dict] = {}
+
+
 def measure_ceilings(device, quick: bool = False) -> dict:
-    """Dense matmul TFLOP/s and copy GB/s on this device, measured now (a few seconds on a GPU)."""
+    """Dense matmul TFLOP/s and copy GB/s on this device, measured once per process (a few seconds on a GPU): the
+    suite runs every benchmark in one process, so they all share one measurement."""
     import torch
 
     device = torch.device(device)
+    if str(device) not in _CEILINGS:
+        _CEILINGS[str(device)] = _measure_ceilings(torch, device, quick)
+        print("ceilings: " + ", ".join(f"{k}={v:.1f}" for k, v in _CEILINGS[str(device)].items()
+                                       if isinstance(v, float)), flush=True)
+    return _CEILINGS[str(device)]
+
+
+def _measure_ceilings(torch, device, quick: bool) -> dict:
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     n = 8192 if cuda else 512

@@ -625,6 +625,39 @@ def _build_export(sub):
     return p
 
 
+# -------------------------------------------------------------------------------------------------------- bench
+def _benchmarks_root() -> Path:
+    """The source checkout holding benchmarks/ (next to this package when installed editable, or the current
+    folder): the suite and its baselines live in the repository, not in the wheel."""
+    for root in (Path(__file__).resolve().parents[1], Path.cwd()):
+        if (root / "benchmarks" / "harness.py").is_file():
+            return root
+    raise CLIError("the benchmark suite lives in the source repository (benchmarks/ next to dinotxt_fast/): run "
+                   "this from a checkout (git clone ...; pip install -e .), or cd into one")
+
+
+def _run_bench(bench_args: Sequence[str]) -> int:
+    root = _benchmarks_root()
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from benchmarks.__main__ import main as bench_main
+
+    return bench_main(list(bench_args))
+
+
+@register_command("bench")
+def _build_bench(sub):
+    p = sub.add_parser("bench", help="run the benchmark suite (attention, contrastive, dense, train, infer, all)",
+                       description="Run the benchmark suite of a source checkout: each benchmark against its "
+                                   "baselines in the same run, JSON results, then REPORT.md and plots. Arguments "
+                                   "are those of `python -m benchmarks`: [attention|contrastive|dense|train|infer|"
+                                   "all ...] [--device cuda|cpu] [--quick] [--out DIR] [--no-report].",
+                       add_help=False)
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of python -m benchmarks (-h for them)")
+    p.set_defaults(handler=lambda args: _run_bench(args.bench_args))
+    return p
+
+
 # -------------------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Fast DINO.txt: kernels, inference and training.")
@@ -636,6 +669,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # every argument, -h included, belongs to the suite's own parser
+        try:
+            return _run_bench(argv[1:])
+        except CLIError as exc:
+            print(f"{PROG} bench: error: {exc}", file=sys.stderr)
+            return 2
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # `train` takes KEY=VALUE overrides anywhere on the line, also after options (argparse alone would stop

@@ -119,7 +119,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: O
             raise ValueError(f"attention: lengths is on {lengths.device} but q is on {q.device}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     name = resolve("attention", backend, q, causal=causal, head_dim=q.shape[-1], value_dim=v.shape[-1],
-                   lengths=lengths is not None, batch_heads=q.shape[0] * q.shape[2])
+                   lengths=lengths is not None, batch_heads=q.shape[0] * q.shape[2], seq=q.shape[1],
+                   grad=torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
     return library.attention_fwd(q, k, v, bool(causal), scale, lengths, name)[0]
 
 
@@ -167,13 +168,16 @@ def contrastive_loss(img: Tensor, txt: Tensor, logit_scale: Tensor, *, normalize
         raise ValueError("contrastive_loss: logit_scale must be a 0-d or 1-element tensor (the log of the scale)")
     if logit_scale.device != img.device:
         raise ValueError(f"contrastive_loss: logit_scale is on {logit_scale.device} but img is on {img.device}")
-    name = resolve("contrastive_loss", backend, img)
+    world = 1
     if group is not None:
         import torch.distributed as dist
 
-        if dist.get_world_size(group) > 1:
-            _check_same_shape_on_ranks(img, group)
-            return library.contrastive_distributed(img, txt, logit_scale, bool(normalize), group, name)
+        world = dist.get_world_size(group)
+    name = resolve("contrastive_loss", backend, img, b_global=img.shape[0] * world, dim=img.shape[1],
+                   grad=torch.is_grad_enabled() and (img.requires_grad or txt.requires_grad))
+    if world > 1:
+        _check_same_shape_on_ranks(img, group)
+        return library.contrastive_distributed(img, txt, logit_scale, bool(normalize), group, name)
     return library.contrastive_fwd(img, txt, logit_scale, bool(normalize), name)[0]
 
 

@@ -5,13 +5,19 @@ per-family support checks (dtype, head dim, shape). Kernel modules plug in with 
 by the backend name they were called with, so the choice is made once, in Python, before the op is traced.
 
 Selection (`resolve`): an explicit `backend=` argument wins, then the DINOTXT_FAST_BACKEND environment variable,
-then "auto": CPU tensors always get "torch"; CUDA tensors get the first backend in AUTO_ORDER that is registered,
-available and supports the call (the order is set from measured benchmark results as kernels land).
+then "auto": CPU tensors always get "torch"; CUDA tensors get the backend that measured fastest for this GPU model and
+the nearest benchmarked shape (measured_dispatch.json, generated from GPU benchmark results by
+`python -m benchmarks.report --update-dispatch`), else the first backend in AUTO_ORDER that is registered,
+available and supports the call.
 """
 from __future__ import annotations
 
+import json
+import math
 import os
 from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -31,10 +37,10 @@ KERNELS: dict[str, tuple[str, ...]] = {
     "slide_decode": ("slide_decode",),
 }
 
-# Preference for backend=None on CUDA tensors, per family; backends not registered are skipped. A kernel backend
-# enters this order only once a GPU benchmark (benchmarks/, results under benchmarks/results/) has measured it
-# fastest for that family. None has been measured yet, so auto keeps the reference; opt in to the kernels with
-# backend="triton" / "cuda" or DINOTXT_FAST_BACKEND.
+# Fallback preference for backend=None on CUDA tensors, per family, when measured_dispatch.json has no entry for this
+# GPU and call (backends not registered are skipped). A kernel backend enters it only once GPU benchmarks have
+# measured it fastest for that family on every shape. None has been measured yet, so auto keeps the reference; opt in
+# to the kernels with backend="triton" / "cuda" or DINOTXT_FAST_BACKEND.
 AUTO_ORDER: dict[str, tuple[str, ...]] = {family: ("torch",) for family in KERNELS}
 
 
@@ -129,6 +135,58 @@ def _problem(name: str, family: str, tensor: torch.Tensor, info: dict) -> Option
     return _device_problem(name, tensor) or backend.unsupported(family, tensor, info)
 
 
+# ------------------------------------------------------------------------------------ measured per-shape choice
+MEASURED_FILE = Path(__file__).with_name("measured_dispatch.json")
+# Per family: call-info keys that must equal the benchmarked case's, and the size key matched to the nearest case
+# (by log ratio). benchmarks/report.py writes the same keys into each entry's "shape".
+MATCH_KEYS: dict[str, tuple[tuple[str, ...], Optional[str]]] = {
+    "attention": (("head_dim", "causal"), "seq"),
+    "contrastive_loss": (("dim",), "b_global"),
+}
+
+
+@lru_cache(maxsize=None)
+def _measured_entries() -> tuple:
+    """The measured table; an unreadable file is an error (it ships with the package), an absent one means none."""
+    if not MEASURED_FILE.exists():
+        return ()
+    try:
+        entries = json.loads(MEASURED_FILE.read_text())["entries"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise RuntimeError(f"{MEASURED_FILE} is corrupt ({error}); regenerate it with "
+                           "`python -m benchmarks.report --update-dispatch`") from None
+    return tuple(entries)
+
+
+@lru_cache(maxsize=None)
+def _gpu_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def measured_choice(family: str, tensor: torch.Tensor, info: dict, gpu: Optional[str] = None) -> Optional[str]:
+    """The backend measured fastest on this GPU model for the nearest benchmarked shape of `family`, or None.
+
+    Entries match on the GPU name, the dtype, training vs inference (`grad`: forward+backward timings vs forward
+    alone) and the family's exact keys; among those the size key picks the nearest case."""
+    if family not in MATCH_KEYS or tensor.device.type != "cuda" and gpu is None:
+        return None
+    entries = _measured_entries()
+    if not entries:
+        return None
+    gpu = gpu or _gpu_name(tensor.device.index if tensor.device.index is not None else torch.cuda.current_device())
+    exact, size_key = MATCH_KEYS[family]
+    grad = bool(info.get("grad", torch.is_grad_enabled() and tensor.requires_grad))
+    dtype = str(tensor.dtype).replace("torch.", "")
+    candidates = [e for e in entries if e["gpu"] == gpu and e["family"] == family and e.get("grad") == grad
+                  and e.get("dtype") in (dtype, None) and all(e["shape"].get(k) == info.get(k) for k in exact)]
+    if not candidates:
+        return None
+    if size_key is None or info.get(size_key) is None:
+        return candidates[0]["backend"]
+    size = max(1, int(info[size_key]))
+    return min(candidates, key=lambda e: abs(math.log(size / max(1, e["shape"][size_key]))))["backend"]
+
+
 def resolve(family: str, backend: Optional[str], tensor: torch.Tensor, **info) -> str:
     """The backend name to run `family` with for this call; a clear ValueError when an explicit choice can't run."""
     requested = backend or os.environ.get(ENV_VAR) or "auto"
@@ -139,6 +197,9 @@ def resolve(family: str, backend: Optional[str], tensor: torch.Tensor, **info) -
         return requested
     if tensor.device.type != "cuda":
         return "torch"
+    measured = measured_choice(family, tensor, info)
+    if measured is not None and _problem(measured, family, tensor, info) is None:
+        return measured
     for name in AUTO_ORDER[family]:
         if _problem(name, family, tensor, info) is None:
             return name

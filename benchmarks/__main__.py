@@ -1,0 +1,84 @@
+"""The benchmark suite: every benchmark on one harness in one process, then the report.
+
+    python -m benchmarks [attention|contrastive|dense|train|infer|all ...] [--device cuda|cpu] [--quick] [--out DIR]
+    dinotxt-fast bench ...                                   (the same, from a source checkout)
+
+Each benchmark writes `<out>/<benchmark>-<machine>-<time>.json` (benchmarks/harness.py: environment, measured
+ceilings, median and 20/80 % quantiles, peak memory, ratios against the baselines measured in the same run);
+then `benchmarks/report.py` writes `<out>/REPORT.md` and `<out>/plots/`. One failing benchmark is reported and the
+others still run; the exit status is 1 when any failed.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ("attention", "contrastive", "dense", "infer", "train")  # run order: kernels, then end-to-end
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("which", nargs="*", default=["all"], metavar="BENCHMARK",
+                        help=f"any of {', '.join(BENCHMARKS)}, or all (default)")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default=None,
+                        help="cuda: the real benchmark (default when a GPU is present); cpu: smoke runs of tiny shapes")
+    parser.add_argument("--quick", action="store_true", help="reduced case lists and repetitions (GPU suite: < 9 min)")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="results folder")
+    parser.add_argument("--no-report", action="store_true", help="skip REPORT.md and the plots")
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.which) - set(BENCHMARKS) - {"all"})
+    if unknown:
+        parser.error(f"unknown benchmark(s) {unknown}; choose from {', '.join(BENCHMARKS)} or all")
+    args.which = list(BENCHMARKS) if "all" in args.which else [b for b in BENCHMARKS if b in args.which]
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel module is imported
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    out = Path(args.out)
+    before = set(out.glob("*.json")) if out.is_dir() else set()
+    failed = []
+    for name in args.which:
+        print(f"=== benchmark {name} ({args.device}{', quick' if args.quick else ''})", flush=True)
+        start = time.perf_counter()
+        flags = ["--device", args.device, "--out", str(out)] + (["--quick"] if args.quick else [])
+        try:
+            status = importlib.import_module(f"benchmarks.{name}").main(flags)
+        except Exception:  # noqa: BLE001 - one broken benchmark must not hide the others' results
+            traceback.print_exc()
+            status = 1
+        print(f"=== benchmark {name}: {'ok' if not status else f'FAILED ({status})'} after "
+              f"{time.perf_counter() - start:.0f} s", flush=True)
+        if status:
+            failed.append(name)
+        if args.device == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
+    new = sorted(set(out.glob("*.json")) - before) if out.is_dir() else []
+    if new and not args.no_report:
+        from benchmarks import report
+
+        report.main([str(p) for p in new] + ["--out", str(out)])
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
