@@ -152,15 +152,13 @@ def _build_info(sub):
 
 # ---------------------------------------------------------------------------------------------- model loading
 def _parse_override(text: str) -> tuple[str, object]:
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    key, value = text.split("=", 1)
-    for convert in (int, float):
-        try:
-            return key.strip(), convert(value)
-        except ValueError:
-            pass
-    return key.strip(), {"true": True, "false": False, "none": None}.get(value.lower(), value)
+    """KEY=VALUE with the value parsed as YAML, exactly like `train`'s overrides (one syntax for both)."""
+    from .train.config import ConfigError, parse_override
+
+    try:
+        return parse_override(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:

@@ -290,6 +290,15 @@ def test_resume_errors(tmp_path, capsys):
         _run(tmp_path / "x", resume=str(bad))
 
 
+def test_a_refused_resume_leaves_the_run_config_intact(tmp_path):
+    out = tmp_path / "run"
+    _run(out, "steps=1", "eval_data=null")
+    before = (out / "config.yaml").read_text()
+    with pytest.raises(ValueError, match="different model"):
+        _run(out, "steps=2", "eval_data=null", "model.text_dim=48", resume="auto")
+    assert (out / "config.yaml").read_text() == before
+
+
 def test_a_fresh_run_does_not_append_to_stale_metrics(tmp_path):
     out = tmp_path / "run"
     out.mkdir()

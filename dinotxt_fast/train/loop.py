@@ -200,7 +200,6 @@ def train(cfg: TrainConfig, out_dir, resume: Optional[str] = None, progress: boo
     precision = _resolve_precision(cfg, device)
     if d.main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / "config.yaml")
     ckpt_dir = out_dir / "checkpoints"
     resume_path = ckpt.find_checkpoint(resume, out_dir)
 
@@ -240,6 +239,8 @@ def train(cfg: TrainConfig, out_dir, resume: Optional[str] = None, progress: boo
                              f"describes: {exc}") from None
         scheduler.load_state_dict(state["scheduler"])
         start_step = state["step"]
+    if d.main:  # only once the checkpoint (if any) is known to fit: a refused resume leaves the old config intact
+        save_config(cfg, out_dir / "config.yaml")
 
     writer = MetricsWriter(out_dir, enabled=d.main)
     # Drop records past the starting step: those of a resumed run's lost steps, or all of a fresh run's
