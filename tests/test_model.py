@@ -272,6 +272,38 @@ def test_backbone_is_frozen_and_builds_no_graph():
     assert model.logit_scale.item() == pytest.approx(math.log(100))
 
 
+@pytest.mark.parametrize("release", ["v2", "v3"])
+@pytest.mark.parametrize("rate", [0.05, 0.1, 0.3])
+def test_drop_path_style_per_release_matches_official(release, rate, v2, v3):
+    """DINOv2's block draws per-sample DropPath for rates <= 0.1 and batch subsets above; DINOv3's always uses the
+    batch subset: same draws as the official blocks at each rate."""
+    ref, ours = v2 if release == "v2" else v3
+    ref_head = ref.visual_model.head
+    ref_blocks = ref_head.block_list if release == "v2" else ref_head.blocks
+    saved = [(b.drop_path, r.sample_drop_ratio) for b, r in zip(ours.head.blocks, ref_blocks)]
+    tokens = torch.randn(8, 17 if release == "v2" else 21, 64, generator=torch.Generator().manual_seed(3))
+    try:
+        for block, ref_block in zip(ours.head.blocks, ref_blocks):
+            block.drop_path = ref_block.sample_drop_ratio = rate
+            if release == "v2":
+                ref_block.drop_path1.drop_prob = rate
+        ours.head.train()
+        ref_head.train()
+        torch.manual_seed(6)
+        mine = ours.head(tokens)
+        torch.manual_seed(6)
+        official = ref_head(tokens)
+    finally:
+        for (ours_rate, ref_rate), block, ref_block in zip(saved, ours.head.blocks, ref_blocks):
+            block.drop_path, ref_block.sample_drop_ratio = ours_rate, ref_rate
+            if release == "v2":
+                ref_block.drop_path1.drop_prob = ref_rate
+        ours.head.eval()
+        ref_head.eval()
+    torch.testing.assert_close(mine, official, **TOL)
+    assert not torch.allclose(mine, ours.head(tokens))
+
+
 def test_drop_path_only_in_training_and_matches_official(v2):
     ref, ours = v2
     torch.manual_seed(5)

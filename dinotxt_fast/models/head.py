@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .config import DinoTxtConfig
-from .layers import Attention, LayerScale, SwiGLUFFN, drop_add_residual_stochastic_depth
+from .layers import Attention, LayerScale, SwiGLUFFN, drop_add_residual_stochastic_depth, drop_path
 
 HEAD_LN_EPS = 1e-5  # the head uses nn.LayerNorm defaults, unlike the DINOv2 backbone (1e-6)
 
@@ -18,7 +18,12 @@ HEAD_LN_EPS = 1e-5  # the head uses nn.LayerNorm defaults, unlike the DINOv2 bac
 class HeadBlock(nn.Module):
     """Pre-norm block: fused qkv without bias, proj with bias, LayerScale, SwiGLU FFN with biases."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_hidden: int, layerscale_init: float, drop_path: float):
+    # The DINOv2 release's block switches to per-sample DropPath for rates <= 0.1 (dinov2/layers/block.py); the
+    # DINOv3 release's block uses the batch subset at every rate.
+    PER_SAMPLE_MAX_RATE = {"dinov2": 0.1, "dinov3": 0.0}
+
+    def __init__(self, dim: int, num_heads: int, mlp_hidden: int, layerscale_init: float, drop_path: float,
+                 release: str = "dinov2"):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=HEAD_LN_EPS)
         self.attn = Attention(dim, num_heads, qkv_bias=False, proj_bias=True)
@@ -28,6 +33,7 @@ class HeadBlock(nn.Module):
         self.ls2 = LayerScale(dim, layerscale_init)
         self.layerscale_init = layerscale_init
         self.drop_path = drop_path
+        self.release = release
 
     def _attn_residual(self, x: torch.Tensor) -> torch.Tensor:
         return self.ls1(self.attn(self.norm1(x)))
@@ -36,11 +42,14 @@ class HeadBlock(nn.Module):
         return self.ls2(self.mlp(self.norm2(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and self.drop_path > 0.0:
+        if self.training and self.drop_path > self.PER_SAMPLE_MAX_RATE[self.release]:
             # "Batch subset" stochastic depth as in the official block: each residual branch runs on a random
             # subset of the samples and is added back rescaled, which also saves that share of the compute.
             x = drop_add_residual_stochastic_depth(x, self._attn_residual, self.drop_path)
             return drop_add_residual_stochastic_depth(x, self._ffn_residual, self.drop_path)
+        if self.training and self.drop_path > 0.0:
+            x = x + drop_path(self._attn_residual(x), self.drop_path)
+            return x + drop_path(self._ffn_residual(x), self.drop_path)
         x = x + self._attn_residual(x)
         return x + self._ffn_residual(x)
 
@@ -53,7 +62,7 @@ class VisionHead(nn.Module):
         self.dim = config.vision_dim
         self.blocks = nn.ModuleList(
             HeadBlock(config.vision_dim, config.vision_heads, config.head_mlp_hidden,
-                      config.head_layerscale_init, config.head_drop_path)
+                      config.head_layerscale_init, config.head_drop_path, release=config.backbone)
             for _ in range(config.head_blocks))
         self.ln_final = nn.LayerNorm(config.vision_dim, eps=HEAD_LN_EPS)
         self.init_weights()

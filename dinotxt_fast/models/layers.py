@@ -141,6 +141,14 @@ class SwiGLUFFN(nn.Module):
         return self.w3(F.silu(self.w1(x)) * self.w2(x))
 
 
+def drop_path(x: Tensor, drop_prob: float) -> Tensor:
+    """Per-sample stochastic depth (timm / dinov2/layers/drop_path.py): each sample's residual is kept with
+    probability 1 - p and rescaled by 1 / (1 - p); same random draws as the official function (training only)."""
+    keep_prob = 1.0 - drop_prob
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep_prob)
+    return x * mask.div_(keep_prob) if keep_prob > 0.0 else x * mask
+
+
 def drop_add_residual_stochastic_depth(x: Tensor, residual_fn: Callable[[Tensor], Tensor],
                                        sample_drop_ratio: float) -> Tensor:
     """DINOv2 "batch subset" drop-path: x + residual_fn(x) on a random subset of the samples only.
