@@ -102,8 +102,12 @@ def test_attention_bad_inputs():
 @pytest.mark.parametrize("r", [0, 4])
 @pytest.mark.parametrize("ln", [None, "weight", "weight+bias"])
 @pytest.mark.parametrize("normalize", [False, True])
-def test_patch_pool_matches_float64_oracle(r, ln, normalize):
+@pytest.mark.parametrize("chunked", [False, True])
+def test_patch_pool_matches_float64_oracle(r, ln, normalize, chunked, monkeypatch):
     b, p, d = 3, 7, 24
+    if chunked:  # the reference splits big batches: 2 samples per chunk here (chunks of 2 and 1)
+        monkeypatch.setattr(reference, "_CHUNK_ELEMENTS", 2 * (1 + r + p) * d)
+        assert len(reference._batch_chunks(torch.empty(b, 1 + r + p, d))) == 2
     tokens = torch.randn(b, 1 + r + p, d, dtype=torch.float64, requires_grad=True)
     w = torch.randn(d, dtype=torch.float64, requires_grad=True) if ln else None
     bias = torch.randn(d, dtype=torch.float64, requires_grad=True) if ln == "weight+bias" else None

@@ -104,8 +104,18 @@ def _normalize_backward(grad, y, norm):
     return torch.where(norm > _NORM_EPS, (grad - y * (grad * y).sum(-1, keepdim=True)) / norm, grad / norm)
 
 
+def _batch_chunks(tokens) -> list:
+    """Views of tokens [B, N, D] along the batch, each small enough that its fp32 temporaries stay bounded
+    (_CHUNK_ELEMENTS): the reference never upcasts a whole [1024, 261, 1024] batch at once."""
+    per_sample = max(1, tokens.shape[1] * tokens.shape[2])
+    return list(tokens.split(max(1, _CHUNK_ELEMENTS // per_sample)))
+
+
 def patch_pool_forward(tokens, num_registers: int, ln_weight, ln_bias, eps: float, normalize: bool):
     """[cls ; mean(patches)] of (optionally layer-normed) tokens [B, 1+R+P, D] -> [B, 2D] in tokens' dtype."""
+    chunks = _batch_chunks(tokens)
+    if len(chunks) > 1:
+        return torch.cat([patch_pool_forward(c, num_registers, ln_weight, ln_bias, eps, normalize) for c in chunks])
     x = tokens.to(accumulation_dtype(tokens.dtype))
     if ln_weight is not None:
         x = F.layer_norm(x, x.shape[-1:], ln_weight.to(x.dtype), None if ln_bias is None else ln_bias.to(x.dtype), eps)
@@ -117,6 +127,15 @@ def patch_pool_forward(tokens, num_registers: int, ln_weight, ln_bias, eps: floa
 
 def patch_pool_backward(grad_out, tokens, num_registers: int, ln_weight, ln_bias, eps: float, normalize: bool):
     """(d_tokens, d_ln_weight | None, d_ln_bias | None); recomputes the cheap forward rather than storing it."""
+    chunks = _batch_chunks(tokens)
+    if len(chunks) > 1:  # per-sample independent; the LayerNorm parameter gradients add up over chunks
+        parts = [patch_pool_backward(g, c, num_registers, ln_weight, ln_bias, eps, normalize)
+                 for g, c in zip(grad_out.split([c.shape[0] for c in chunks]), chunks)]
+        d_weight = None if ln_weight is None else torch.stack(
+            [p[1].to(accumulation_dtype(tokens.dtype)) for p in parts]).sum(0).to(ln_weight.dtype)
+        d_bias = None if ln_bias is None else torch.stack(
+            [p[2].to(accumulation_dtype(tokens.dtype)) for p in parts]).sum(0).to(ln_bias.dtype)
+        return torch.cat([p[0] for p in parts]), d_weight, d_bias
     acc = accumulation_dtype(tokens.dtype)
     x = tokens.to(acc)
     b, n, d = x.shape
