@@ -1,11 +1,11 @@
 """Contrastive loss, forward + backward: dinotxt-fast's fused kernels against the usual ways of computing it.
 
     python benchmarks/contrastive.py                   # CUDA, bf16, E = 2048: 4096x4096, 4096x32768, 65536x65536
-    python benchmarks/contrastive.py --quick           # fewer repetitions, the two 4096-row cases
+    python benchmarks/contrastive.py --quick           # the two 4096-row cases, fewer reps (sized for ~1.5 min)
     python benchmarks/contrastive.py --device cpu --quick   # smoke run: tiny shapes, torch + Triton interpreter
 
 A case is B_local x B_global: one rank's rows against the global batch. With B_local < B_global the other ranks'
-columns are simulated on one GPU (no communication is timed; every method does exactly one rank's work):
+columns are simulated on one GPU (no communication is timed; every method does one rank's work):
 - naive: the plain B_global x B_global loss (F.cross_entropy both ways on the full logits; what every rank computes
   without open_clip's local_loss), bf16 matmul, fp32 cross-entropy;
 - open_clip_local: open_clip's local_loss: local rows against the gathered features, both directions
@@ -13,29 +13,85 @@ columns are simulated on one GPU (no communication is timed; every method does e
 - official_ring: the official DINO.txt trainer's memory-efficient ring loss (dinov3/eval/text/clip_loss.py)
   re-expressed in plain PyTorch: fp32 features, [B_local, B_local] blocks per ring step, recomputed in the backward;
 - inf_cl: Inf-CL's `cal_inf_loss` both ways (single-GPU path), when the `inf_cl` package is importable;
-- ours_<backend>: dinotxt_fast (torch / triton / cuda): the single-process op when B_local = B_global, else the
-  partial kernels of the distributed op (local rows against all columns) plus the local normalisation backward.
+- ours_<backend> (rows "ours (<backend>)"): dinotxt_fast (torch / triton / cuda): the single-process op when
+  B_local = B_global, else the partial kernels of the distributed op (local rows against all columns) plus the
+  local normalisation backward.
 Effective TFLOP/s count 8 * B_local * B_global * E for every method (two GEMMs forward-and-recompute, two for the
-gradients). Times: median and 20/80 % quantiles of triton.testing.do_bench (CUDA) or perf_counter (CPU). Memory:
-peak allocated during one forward + backward beyond what was allocated before it (inputs), and the bytes of the
-gradients it returns. Results go to benchmarks/results/contrastive-<device>-<time>.json with the environment.
+gradients); the naive method's own work, B_global x B_global, is in work_flops / work_tflops. Through
+benchmarks/harness.py: median and 20/80 % quantiles, fraction of the measured matmul ceiling, peak memory above the
+inputs and the extra memory beyond one rank's own gradients, the gradients' max |difference| against the first
+method computing the same quantity, and the speedup over the best (and each) baseline measured in the same run.
+A method that fails (out of memory, missing library) gives a skipped row; the run goes on.
+JSON: benchmarks/results/contrastive-*.json.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from benchmarks.harness import environment, time_ms  # noqa: E402
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+from benchmarks.harness import (RESULTS_DIR, Rotation, add_ratios, environment, is_ours,  # noqa: E402
+                                measure_ceilings, peak_memory_mib, print_row, result, time_ms, write_results)
+
 FULL_CASES = ["4096x4096", "4096x32768", "65536x65536"]
 QUICK_CASES = ["4096x4096", "4096x32768"]
 CPU_CASES = ["48x48", "32x96"]
 METHODS = ["naive", "open_clip_local", "official_ring", "inf_cl", "ours_torch", "ours_triton", "ours_cuda"]
+LOGIT_SCALE = 2.659  # ln(1 / 0.07), the initial value
+
+TARGETS = [  # issue #4 (H100, bf16, E = 2048), for the report's target-vs-measured table
+    {"issue": 4, "case": "4096x32768", "impl": "ours (triton)", "metric": "extra_memory_mib", "op": "<=",
+     "target": 0.2 * 1024, "note": "<= 0.2 GB extra (Inf-CL's table: 0.18 GB; open_clip 2.27 GB)"},
+    {"issue": 4, "case": "4096x32768", "impl": "ours (cuda)", "metric": "extra_memory_mib", "op": "<=",
+     "target": 0.2 * 1024, "note": "<= 0.2 GB extra"},
+    {"issue": 4, "case": "65536x65536", "impl": "ours (cuda)", "metric": "runs", "op": "==", "target": True,
+     "note": "a 65536 batch on one GPU"},
+    {"issue": 4, "case": "*", "impl": "ours (cuda)", "metric": "tflops", "op": ">=", "target": 450,
+     "note": "forward+backward >= 450 effective TFLOP/s"},
+    {"issue": 4, "case": "*", "impl": "ours (cuda)", "metric": "speedup_vs_best_baseline", "op": ">", "target": 1.0,
+     "note": "faster than every baseline measured in the same run"},
+    {"issue": 4, "case": "*", "impl": "ours (triton)", "metric": "tflops", "op": ">=", "target": 450,
+     "note": "forward+backward >= 450 effective TFLOP/s"},
+    {"issue": 4, "case": "*", "impl": "ours (triton)", "metric": "speedup_vs_best_baseline", "op": ">",
+     "target": 1.0, "note": "faster than every baseline measured in the same run"},
+]
+NOTES = {
+    "flops": "8 * B_local * B_global * E for every method (logits GEMM, its recomputation, two gradient GEMMs): the "
+             "common work of one rank. work_flops / work_tflops (naive only): the same count over what it actually "
+             "computes, B_global x B_global, since every rank of the naive loss builds the whole matrix.",
+    "items": "none (a loss has no natural item count)",
+    "memory": "peak_memory_mib: peak allocated during one forward+backward above what was allocated before it "
+              "(the inputs), including the gradients it returns; extra_memory_mib: that minus one rank's own "
+              "gradients (d_img and d_txt, [B_local, E] in the input dtype): what the loss needs beyond its inputs "
+              "and outputs (ours keeps fp32 [B_global, E] text gradients to reduce-scatter: they count as extra); "
+              "gradient_mib: the bytes of the gradients the method returns.",
+    "max_abs_diff": "max |g - g_ref| over the returned gradients against checked_against, the first method computing "
+                    "the same quantity on the same inputs (max_rel_diff: divided by max |g_ref| per tensor). At "
+                    "B_local = B_global every method returns (d_img, d_txt, d_logit_scale) of the same loss; at "
+                    "B_local < B_global the baselines each simulate one rank differently, so only ours (torch / "
+                    "triton / cuda: the same partial computation) are compared, against ours (torch).",
+    "speedups": "speedup_vs_best_baseline = best baseline median / ours (same case, this run); "
+                "speedup_vs_each_baseline: the same per baseline; memory_ratio_vs_best_baseline = its peak / ours.",
+    "simulation": "B_local < B_global: one GPU holds the gathered features; no collective is timed; ours uses its "
+                  "local partial column log-sum-exps where the distributed op would merge them over ranks "
+                  "(same work).",
+    "baselines": {
+        "naive": "F.normalize, bf16 logits = exp(s) * i @ t.T over B_global x B_global, fp32 F.cross_entropy both "
+                 "ways, autograd",
+        "open_clip_local": "open_clip's local_loss: [B_local, B_global] logits both directions against the "
+                           "gathered features (with gradients), fp32 cross-entropy, autograd",
+        "official_ring": "the official DINO.txt ring loss in plain PyTorch: fp32 features, [B_local, B_local] "
+                         "blocks per ring step, recomputed in a custom backward (the other ranks' column terms are "
+                         "not simulated)",
+        "inf_cl": "Inf-CL cal_inf_loss both ways on fp32 normalised features (its single-GPU path)",
+    },
+    "targets": TARGETS,
+}
 
 
 def parse_args(argv=None):
@@ -49,12 +105,17 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
                    help="feature dtype (default bfloat16; float32 on cpu: the interpreter cannot do bf16 dots)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="results directory")
+    p.add_argument("--out", default=str(RESULTS_DIR), help="results directory")
     args = p.parse_args(argv)
     cpu = args.device == "cpu"
-    args.cases = [parse_case(c) for c in (args.cases or (CPU_CASES if cpu else QUICK_CASES if args.quick
-                                                         else FULL_CASES))]
+    try:
+        args.cases = [parse_case(c) for c in (args.cases or (CPU_CASES if cpu else QUICK_CASES if args.quick
+                                                             else FULL_CASES))]
+    except ValueError as error:
+        p.error(str(error))
     args.dim = args.dim or (32 if cpu else 2048)
+    if args.dim < 1:
+        p.error(f"--dim must be positive, got {args.dim}")
     args.dtype = args.dtype or ("float32" if cpu else "bfloat16")
     return args
 
@@ -63,10 +124,15 @@ def parse_case(text: str) -> tuple[int, int]:
     try:
         local, total = (int(x) for x in text.lower().split("x"))
     except ValueError:
-        raise SystemExit(f"bad case {text!r}: expected B_LOCALxB_GLOBAL, e.g. 4096x32768") from None
+        raise ValueError(f"bad case {text!r}: expected B_LOCALxB_GLOBAL, e.g. 4096x32768") from None
     if local < 1 or total % local:
-        raise SystemExit(f"bad case {text!r}: B_global must be a positive multiple of B_local")
+        raise ValueError(f"bad case {text!r}: B_global must be a positive multiple of B_local")
     return local, total
+
+
+def impl_name(method: str) -> str:
+    """The row name: ours_<backend> -> "ours (<backend>)" (the harness's convention), baselines as they are."""
+    return f"ours ({method[len('ours_'):]})" if method.startswith("ours_") else method
 
 
 # -------------------------------------------------------------------------------------------------- methods
@@ -174,15 +240,15 @@ def make_methods(torch, F, ops, library, reference):
             "ours_torch": ours("torch"), "ours_triton": ours("triton"), "ours_cuda": ours("cuda")}
 
 
-def unavailable(name, ops, device) -> str | None:
+def unavailable(name, ops, device) -> Optional[str]:
     """Why method `name` cannot run here, or None."""
     if name == "inf_cl":
         if device != "cuda":
             return "Inf-CL runs on CUDA only"
         try:
             import inf_cl  # noqa: F401
-        except ImportError as error:
-            return f"inf_cl is not importable ({error})"
+        except Exception as error:  # noqa: BLE001 - missing, or built for another torch/GPU
+            return f"inf_cl is not importable ({type(error).__name__}: {error})"
     if name.startswith("ours_"):
         report = ops.backends()[name[len("ours_"):]]
         if not report["available"] or "contrastive_loss" not in report["ops"]:
@@ -192,22 +258,90 @@ def unavailable(name, ops, device) -> str | None:
     return None
 
 
-# -------------------------------------------------------------------------------------------------- timing
-def measure(torch, fn, device, quick):
-    """(median, p20, p80) in ms, peak extra bytes (None on CPU), bytes of the returned gradients."""
-    grads = fn()  # compile / autotune outside the measurement
-    out_bytes = sum(g.numel() * g.element_size() for g in grads)
-    del grads
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - before
-        return time_ms(fn, device, quick), peak, out_bytes
-    return time_ms(fn, device, quick), None, out_bytes
+def comparable(method: str, b_local: int, b_global: int) -> Optional[str]:
+    """Which quantity a method's gradients are (methods with the same key are compared), None when no other method
+    computes the same (the baselines' different one-rank simulations at b_local < b_global)."""
+    if b_local == b_global:
+        return "full loss: (d_img, d_txt, d_logit_scale)"
+    return "rank-0 partial: (d_img, d_txt local, g_txt all, d_logit_scale)" if method.startswith("ours_") else None
+
+
+def grad_diffs(grads, ref) -> dict:
+    if len(grads) != len(ref):
+        raise ValueError(f"{len(grads)} gradients against {len(ref)} of the reference")
+    abs_diff = rel_diff = 0.0
+    for g, r in zip(grads, ref):
+        if g.shape != r.shape:
+            raise ValueError(f"gradient of shape {tuple(g.shape)} against {tuple(r.shape)} of the reference")
+        diff = (g.detach().double() - r.double()).abs().max().item()
+        abs_diff = max(abs_diff, diff)
+        rel_diff = max(rel_diff, diff / max(r.double().abs().max().item(), 1e-30))
+    return {"max_abs_diff": abs_diff, "max_rel_diff": rel_diff}
+
+
+# ---------------------------------------------------------------------------------------------------- running
+def run_case(torch, methods, names, ops, b_local, b_global, dim, dtype, device, quick, ceilings) -> list[dict]:
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def make_inputs():
+        img_all = torch.randn(b_global, dim, device=device, generator=generator, dtype=dtype)
+        txt_all = 0.6 * img_all + torch.randn(b_global, dim, device=device, generator=generator, dtype=dtype)
+        return img_all, txt_all, torch.tensor(LOGIT_SCALE, device=device)
+
+    rotation = Rotation(make_inputs, device)
+    case = f"{b_local}x{b_global}"
+    shape = {"b_local": b_local, "b_global": b_global, "dim": dim, "dtype": str(dtype).replace("torch.", ""),
+             "input_sets": len(rotation)}
+    flops = 8 * b_local * b_global * dim
+    own_grad_mib = 2 * b_local * dim * torch.empty((), dtype=dtype).element_size() / 2**20
+    references, rows = {}, []
+    for name in names:
+        label = impl_name(name)
+        reason = unavailable(name, ops, device)
+        if reason is not None:
+            rows.append(result(case, label, pass_="fwd+bwd", shape=shape, skipped=reason, method=name))
+            print_row(rows[-1])
+            continue
+        run = methods[name]
+        try:
+            fields = {"method": name}
+            grads = run(*rotation.sets[0], b_local)  # compiles / autotunes outside the measurement
+            fields["gradient_mib"] = sum(g.numel() * g.element_size() for g in grads) / 2**20
+            key = comparable(name, b_local, b_global)
+            if key is not None and key in references:
+                fields.update(checked_against=references[key][0], **grad_diffs(grads, references[key][1]))
+            elif key is not None:
+                references[key] = (label, [g.detach() for g in grads])
+                fields["reference_for_max_abs_diff"] = True
+            else:
+                fields["not_checked"] = "no other method simulates one rank this way (checked at B_local = B_global)"
+            del grads
+            timing = time_ms(lambda: run(*rotation.next(), b_local), device, quick)  # noqa: B023
+            peak = peak_memory_mib(lambda: run(*rotation.sets[0], b_local), device)  # noqa: B023
+            if peak is not None:
+                fields["extra_memory_mib"] = peak - own_grad_mib
+            if name == "naive" and b_local != b_global:  # every rank of the naive loss computes the whole batch
+                fields["work_flops"] = 8 * b_global * b_global * dim
+                fields["work_tflops"] = fields["work_flops"] / (timing[0] * 1e-3) / 1e12
+            rows.append(result(case, label, timing, pass_="fwd+bwd", shape=shape, flops=flops, peak_memory=peak,
+                               ceilings=ceilings, **fields))
+        except Exception as error:  # noqa: BLE001 - out of memory or a failing library: a result, not a crash
+            lines = str(error).strip().splitlines()
+            rows.append(result(case, label, pass_="fwd+bwd", shape=shape, method=name,
+                               skipped=f"{type(error).__name__}: {lines[0][:300] if lines else ''}"))
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        print_row(rows[-1])
+    return rows
+
+
+def add_each_baseline(rows: list[dict]) -> None:
+    """speedup_vs_each_baseline on our rows: {baseline: its median / ours} (the target: faster than every one)."""
+    timed = [r for r in rows if "median_ms" in r]
+    for r in timed:
+        if is_ours(r):
+            r["speedup_vs_each_baseline"] = {b["impl"]: b["median_ms"] / r["median_ms"] for b in timed
+                                             if b["case"] == r["case"] and not is_ours(b)}
 
 
 def main(argv=None) -> int:
@@ -221,57 +355,29 @@ def main(argv=None) -> int:
     from dinotxt_fast.ops import library, reference
 
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("no CUDA device: run with --device cpu --quick for the smoke mode")
+        print("no CUDA device: run with --device cpu --quick for the smoke mode", file=sys.stderr)
+        return 2
     device = args.device
+    quick = args.quick or device == "cpu"
+    env = environment(device)
+    ceilings = measure_ceilings(device, quick)
     dtype = getattr(torch, args.dtype)
     methods = make_methods(torch, F, ops, library, reference)
-    results = []
+    rows = []
     for b_local, b_global in args.cases:
-        g = torch.Generator(device=device).manual_seed(0)
-        img_all = torch.randn(b_global, args.dim, device=device, generator=g, dtype=dtype)
-        txt_all = (0.6 * img_all + torch.randn(b_global, args.dim, device=device, generator=g, dtype=dtype))
-        scale = torch.tensor(2.659, device=device)  # ln(1 / 0.07)
-        flops = 8 * b_local * b_global * args.dim
-        for name in args.methods:
-            row = {"case": f"{b_local}x{b_global}", "b_local": b_local, "b_global": b_global, "dim": args.dim,
-                   "dtype": args.dtype, "method": name}
-            reason = unavailable(name, ops, device)
-            if reason is not None:
-                row.update(status="skipped", reason=reason)
-            else:
-                try:
-                    run = methods[name]
-                    (median, p20, p80), peak, out_bytes = measure(
-                        torch, lambda: run(img_all, txt_all, scale, b_local), device, args.quick)  # noqa: B023
-                    row.update(status="ok", median_ms=median, p20_ms=p20, p80_ms=p80,
-                               tflops_effective=flops / (median * 1e-3) / 1e12, peak_extra_bytes=peak,
-                               gradient_bytes=out_bytes)
-                except torch.cuda.OutOfMemoryError as error:
-                    row.update(status="oom", reason=str(error).split("\n")[0])
-                    torch.cuda.empty_cache()
-            results.append(row)
-            shown = (f"{row['median_ms']:9.3f} ms  {row['tflops_effective']:8.2f} TFLOP/s"
-                     + (f"  peak +{row['peak_extra_bytes'] / 2 ** 20:8.1f} MiB" if row.get("peak_extra_bytes")
-                        is not None else "") if row["status"] == "ok" else f"{row['status']}: {row.get('reason')}")
-            print(f"{row['case']:>12} {name:>16}  {shown}", flush=True)
-    # Speed-ups of each of our methods over each baseline measured in this run, per case.
-    speedups = {}
-    for row in results:
-        if row["status"] != "ok" or not row["method"].startswith("ours_"):
-            continue
-        for base in results:
-            if base["case"] == row["case"] and base["status"] == "ok" and not base["method"].startswith("ours_"):
-                speedups.setdefault(row["case"], {})[f"{row['method']}/{base['method']}"] = (
-                    base["median_ms"] / row["median_ms"])
-    report = {"benchmark": "contrastive", "environment": {**environment(device),
-                                                              "allow_tf32_matmul": torch.backends.cuda.matmul.allow_tf32},
-              "settings": {"quick": args.quick, "dim": args.dim, "dtype": args.dtype,
-                           "flops_counted": "8 * b_local * b_global * dim"},
-              "results": results, "speedups": speedups}
-    out = Path(args.out) / f"contrastive-{device}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
-    print(f"wrote {out}")
+        print(f"{b_local}x{b_global}: E={args.dim} {args.dtype}", flush=True)
+        rows += run_case(torch, methods, args.methods, ops, b_local, b_global, args.dim, dtype, device, quick,
+                         ceilings)
+    add_ratios(rows)
+    add_each_baseline(rows)
+    for r in rows:
+        if "speedup_vs_best_baseline" in r:
+            print(f"  {r['case']:>12} {r['impl']:16s} {r['speedup_vs_best_baseline']:.2f}x vs {r['best_baseline']}",
+                  flush=True)
+    allow_tf32 = torch.backends.cuda.matmul.allow_tf32
+    write_results("contrastive", rows, env, ceilings, args.out, notes=NOTES,
+                  settings={"quick": args.quick, "dim": args.dim, "dtype": args.dtype, "methods": args.methods,
+                            "cases": [f"{bl}x{bg}" for bl, bg in args.cases], "allow_tf32_matmul": allow_tf32})
     return 0
 
 

@@ -162,6 +162,31 @@ def full_table(record: dict) -> str:
     return "\n".join(lines)
 
 
+TARGET_KEYS = ("case", "impl", "pass", "metric", "target")
+_OPS = {">=": lambda a, b: a >= b, "<=": lambda a, b: a <= b}
+
+
+def _structured_targets(targets) -> bool:
+    return isinstance(targets, list) and bool(targets) and all(
+        isinstance(t, dict) and all(k in t for k in TARGET_KEYS) for t in targets)
+
+
+def targets_table(record: dict, targets: list[dict]) -> str:
+    """Issue targets against what this run measured: the row of (case, impl, pass) and its `metric` field."""
+    rows = {(r["case"], r["impl"], r.get("pass")): r for r in record["results"] if "median_ms" in r}
+    lines = ["| target (issue) | case | implementation | pass | metric | target | measured | met |",
+             "|" + " --- |" * 8]
+    for t in targets:
+        row = rows.get((t["case"], t["impl"], t["pass"]))
+        value = None if row is None else row.get(t["metric"])
+        op = t.get("op", ">=")
+        met = "" if value is None else ("yes" if _OPS[op](value, t["target"]) else "no")
+        measured = "not measured in this run" if value is None else f"{value:.3g}"
+        lines.append(f"| #{t.get('issue', '?')} | {t['case']} | {t['impl']} | {t['pass'] or ''} | {t['metric']} | "
+                     f"{op} {t['target']} | {measured} | {met} |")
+    return "\n".join(lines)
+
+
 def machine_line(record: dict) -> str:
     env, ceil = record.get("environment", {}), record.get("ceilings") or {}
     parts = [_machine(record)]
@@ -184,7 +209,12 @@ def markdown(records: list[dict], full: bool = True) -> str:
     for record in records:
         out += [f"### {record['benchmark']} — {_machine(record)}", "", machine_line(record) + ".", "",
                 summary_table(record), ""]
-        notes = record.get("notes") or {}
+        notes = dict(record.get("notes") or {})
+        targets = notes.pop("targets", None)
+        if _structured_targets(targets):
+            out += [targets_table(record, targets), ""]
+        elif targets:
+            notes["targets"] = targets
         if notes:
             out += [f"- {key}: {value}" for key, value in notes.items()] + [""]
         if full:
@@ -257,6 +287,8 @@ def dispatch_entries(records: list[dict]) -> list[dict]:
         groups = defaultdict(list)
         for row in record["results"]:
             backend = backend_of(row["impl"])
+            if row.get("speedup_kind", "same work") != "same work":
+                continue  # e.g. caption-length rows do less work than the case: not comparable with the others
             if backend and "median_ms" in row and row.get("pass") in (None, "fwd", "fwd+bwd"):
                 groups[(row["case"], row.get("pass"))].append((row["median_ms"], backend, row))
         for (case, pass_), timed in groups.items():

@@ -33,8 +33,15 @@ def _record(gpu=H100, time_utc="2026-11-25T10:00:00Z", rows=None, benchmark="att
     env = {"gpu": gpu, "time_utc": time_utc, "torch": "2.11", "git_commit": "abc", "driver": "580"}
     if gpu is None:
         env = {"cpu": "x86_64", "cpu_count": 2, "time_utc": time_utc}
+    targets = [{"issue": 7, "case": "vit 224", "impl": "ours (cuda fwd)", "pass": "fwd", "metric": "tflops",
+                "target": 450, "op": ">="},
+               {"issue": 3, "case": "vit 224", "impl": "ours (triton)", "pass": "fwd+bwd",
+                "metric": "speedup_vs_best_baseline", "target": 1.0, "op": ">="},
+               {"issue": 3, "case": "vit 896", "impl": "ours (triton)", "pass": "fwd", "metric": "tflops",
+                "target": 420, "op": ">="}]
     return {"benchmark": benchmark, "schema": harness.SCHEMA, "environment": env, "ceilings": ceilings,
-            "settings": {"dtype": "bfloat16"}, "notes": {"flops": "4*B*H*N^2*Dh"}, "results": rows}
+            "settings": {"dtype": "bfloat16"}, "notes": {"flops": "4*B*H*N^2*Dh", "targets": targets},
+            "results": rows}
 
 
 def _write(folder: Path, name: str, record: dict) -> Path:
@@ -83,6 +90,9 @@ def test_report_tables_plots_and_newest_per_machine(tmp_path):
     text = (tmp_path / "out" / "REPORT.md").read_text()
     assert "| vit 224 | fwd | ours (cuda fwd) |" in text and "1.50x" in text and "3.0x" in text
     assert "ImportError" in text  # skipped rows stay visible
+    assert "| #7 | vit 224 | ours (cuda fwd) | fwd | tflops | >= 450 | 625 | yes |" in text
+    assert "| #3 | vit 224 | ours (triton) | fwd+bwd | speedup_vs_best_baseline | >= 1.0 | 0.667 | no |" in text
+    assert "| vit 896 | ours (triton) | fwd | tflops | >= 420 | not measured in this run |  |" in text
     pngs = sorted(p.name for p in (tmp_path / "out" / "plots").glob("*.png"))
     assert any(p.endswith("speedup.png") for p in pngs) and any(p.endswith("memory.png") for p in pngs)
 
