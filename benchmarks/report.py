@@ -99,19 +99,24 @@ def backend_of(impl: str) -> Optional[str]:
 # ------------------------------------------------------------------------------------------------------ tables
 def _throughput(row: dict) -> str:
     if "tflops" in row:
-        return f"{row['tflops']:.1f} TFLOP/s"
+        return f"{_num(row['tflops'])} TFLOP/s"
     if "gbps" in row:
-        return f"{row['gbps']:.0f} GB/s"
+        return f"{_num(row['gbps'])} GB/s"
     for key, value in row.items():
         if key.endswith("_per_s"):
-            return f"{value:.1f} {key[:-6].replace('_', ' ')}/s"
+            return f"{_num(value)} {key[:-6].replace('_', ' ')}/s"
     return ""
+
+
+def _num(value: float) -> str:
+    """1 decimal from 10 up, 3 significant digits below (CPU smoke runs are tiny)."""
+    return f"{value:.1f}" if abs(value) >= 10 else f"{value:.3g}"
 
 
 def _of_ceiling(row: dict) -> str:
     for key in ("fraction_of_matmul_peak", "fraction_of_copy_bandwidth"):
         if row.get(key) is not None:
-            return f"{100 * row[key]:.0f}%"
+            return f"{_num(100 * row[key])}%"
     return ""
 
 
