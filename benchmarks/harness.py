@@ -96,10 +96,20 @@ def synchronize(device) -> None:
 def time_ms(fn: Callable[[], object], device, quick: bool) -> tuple[float, float, float]:
     """(median, 20 %, 80 %) of fn's time in ms."""
     if is_cuda(device):
+        import torch
         from triton.testing import do_bench
 
-        median, q20, q80 = do_bench(fn, warmup=10 if quick else 25, rep=40 if quick else 150,
-                                    quantiles=[0.5, 0.2, 0.8])
+        # do_bench sizes its repeat count from a time budget (ms); a slow call (a training step) would get one
+        # sample, so the budget grows to at least `min_reps` calls of the estimated duration.
+        min_reps = 5 if quick else 10
+        fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        budget = max(40 if quick else 150, 1.2 * min_reps * start.elapsed_time(end))
+        median, q20, q80 = do_bench(fn, warmup=10 if quick else 25, rep=budget, quantiles=[0.5, 0.2, 0.8])
         return median, q20, q80
     fn()
     times = []
