@@ -131,6 +131,7 @@ py::dict build_info() {
 void bind_pooling(pybind11::module_& m);
 void bind_dense(pybind11::module_& m);
 void bind_contrastive(pybind11::module_& m);
+void bind_attention(pybind11::module_& m);
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "dinotxt-fast CUDA kernels (raw device pointers and stream handles; no torch C++ ABI)";
@@ -141,4 +142,5 @@ PYBIND11_MODULE(_C, m) {
   bind_pooling(m);
   bind_dense(m);
   bind_contrastive(m);
+  bind_attention(m);
 }

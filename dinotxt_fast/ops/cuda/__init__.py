@@ -7,3 +7,4 @@ the current stream (no torch C++ ABI); the wrappers check shapes, dtypes, device
 from . import pooling  # noqa: F401
 from . import dense  # noqa: F401
 from . import contrastive  # noqa: F401
+from . import attention  # noqa: F401
