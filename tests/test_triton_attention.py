@@ -346,7 +346,7 @@ def jit(kernel):
         kernel = kernel.fn
     return kernel
 
-SCALARS = {"H", "N_Q", "N_K", "BH", "N_Q_BUCKET", "N_K_BUCKET"}
+SCALARS = {"H", "N_Q", "N_K", "BH", "N_Q_BUCKET", "N_K_BUCKET", "BH_BUCKET", "FIXED_CONFIG"}
 FP32_POINTERS = {"LSE", "DELTA", "DQACC"}
 for kernel, configs, atomic in ((A._fwd_kernel, A._FWD_SHORT, False), (A._bwd_kv_kernel, A._BWD_KV_LONG, True),
                                 (A._bwd_q_kernel, A._BWD_Q_LONG, False)):
@@ -502,3 +502,27 @@ def test_strided_lengths_are_read_through_their_stride():
     want = ops.attention(q, k, v, lengths=strided.contiguous(), backend="torch")
     torch.testing.assert_close(ops.attention(q, k, v, lengths=strided, backend="triton"), want, rtol=1e-5,
                                atol=1e-5)
+
+
+def test_deterministic_mode_runs_one_fixed_config_and_tuning_keys_on_batch_heads(monkeypatch):
+    """Deterministic mode must not pick tiles by timing (results would differ between processes): the pruner keeps
+    one fixed configuration; B*H is part of the autotuning key (it changes how many programs fill the GPU)."""
+    from dinotxt_fast.ops.triton import attention as ta
+
+    monkeypatch.setattr(ta, "_INTERPRET", False)  # the interpreter always runs its single configuration
+    for long, short, n in ((ta._FWD_LONG, ta._FWD_SHORT, 1029), (ta._BWD_KV_LONG, ta._BWD_KV_SHORT, 77),
+                           (ta._BWD_Q_LONG, ta._BWD_Q_SHORT, 4101)):
+        prune = ta._pruner(long, short)
+        tuned = prune(long + short, {"N_Q": n, "N_K": n, "FIXED_CONFIG": 0})
+        fixed = prune(long + short, {"N_Q": n, "N_K": n, "FIXED_CONFIG": 1})
+        assert len(tuned) > 1 and fixed == tuned[:1]
+    for kernel in (ta._fwd_kernel, ta._bwd_kv_kernel, ta._bwd_q_kernel):
+        assert {"BH_BUCKET", "FIXED_CONFIG"} <= set(kernel.keys)
+    q = torch.zeros(3, 5, 7, 16)
+    assert ta._common(q, q, q, False, None, q)[0]["BH_BUCKET"] == 32
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert ta._common(q, q, q, False, None, q)[0]["FIXED_CONFIG"] == 1
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert ta._common(q, q, q, False, None, q)[0]["FIXED_CONFIG"] == 0

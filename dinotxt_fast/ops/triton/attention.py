@@ -75,17 +75,20 @@ def _pruner(long_configs, short_configs):
         n = max(args["N_Q"], args["N_K"])
         family = short_configs if n <= SHORT_N else long_configs
         cap = max(16, triton.next_power_of_2(n))
-        kept = [c for c in family if c.kwargs["BLOCK_M"] <= cap and c.kwargs["BLOCK_N"] <= cap]
-        return kept or family[:1]
+        kept = [c for c in family if c.kwargs["BLOCK_M"] <= cap and c.kwargs["BLOCK_N"] <= cap] or family[:1]
+        # Deterministic mode: a fixed configuration (no timing), so that the tile sizes, hence the summation order
+        # and the results, are the same in every process, not just within one.
+        return kept[:1] if args.get("FIXED_CONFIG") else kept
     return prune
 
 
 def _autotune(long_configs, short_configs, reset_to_zero=None):
     configs = _INTERPRET_CONFIGS if _INTERPRET else long_configs + short_configs
-    # Keyed on power-of-two buckets of the lengths (not every N: the text tower sees up to 77 distinct lengths),
-    # head dims, masking mode and, implicitly, the dtypes.
-    return triton.autotune(configs=configs, key=["N_Q_BUCKET", "N_K_BUCKET", "HEAD_D", "HEAD_DV", "CAUSAL",
-                                                 "HAS_LENS", "ATOMIC_DQ"],
+    # Keyed on power-of-two buckets of the lengths (not every N: the text tower sees up to 77 distinct lengths) and
+    # of B*H (how many programs fill the GPU changes the best tile), head dims, masking mode, fixed-config
+    # (deterministic) mode and, implicitly, the dtypes.
+    return triton.autotune(configs=configs, key=["N_Q_BUCKET", "N_K_BUCKET", "BH_BUCKET", "HEAD_D", "HEAD_DV",
+                                                 "CAUSAL", "HAS_LENS", "ATOMIC_DQ", "FIXED_CONFIG"],
                            prune_configs_by={"early_config_prune": _pruner(long_configs, short_configs)},
                            reset_to_zero=reset_to_zero)
 
@@ -205,7 +208,7 @@ def _fwd_tile(Q, K, V, O, LSE, start_m, kv_len, sqn, sqd, skn, skd, svn, svd, so
 @triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, LENS,
                 sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd,
-                H, N_Q, N_K, BH, qk_scale, N_Q_BUCKET, N_K_BUCKET,
+                H, N_Q, N_K, BH, qk_scale, N_Q_BUCKET, N_K_BUCKET, BH_BUCKET, FIXED_CONFIG,
                 HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                 CAUSAL: tl.constexpr, HAS_LENS: tl.constexpr, ATOMIC_DQ: tl.constexpr, DOT_PREC: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAIRS: tl.constexpr,
@@ -339,7 +342,7 @@ def _bwd_kv_tile(Q, K, V, DO, DK, DV, LSE, DELTA, DQACC, start_n, kv_len, sqn, s
 @triton.jit
 def _bwd_kv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DQACC, LENS,
                    sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sdb, sdn, sdh, sdd,
-                   H, N_Q, N_K, BH, qk_scale, scale, N_Q_BUCKET, N_K_BUCKET,
+                   H, N_Q, N_K, BH, qk_scale, scale, N_Q_BUCKET, N_K_BUCKET, BH_BUCKET, FIXED_CONFIG,
                    HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                    CAUSAL: tl.constexpr, HAS_LENS: tl.constexpr, ATOMIC_DQ: tl.constexpr, DOT_PREC: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAIRS: tl.constexpr,
@@ -445,7 +448,7 @@ def _bwd_q_tile(Q, K, V, DO, DQ, LSE, DELTA, start_m, kv_len, sqn, sqd, skn, skd
 @triton.jit
 def _bwd_q_kernel(Q, K, V, DO, DQ, LSE, DELTA, LENS,
                   sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sdb, sdn, sdh, sdd,
-                  H, N_Q, N_K, BH, qk_scale, scale, N_Q_BUCKET, N_K_BUCKET,
+                  H, N_Q, N_K, BH, qk_scale, scale, N_Q_BUCKET, N_K_BUCKET, BH_BUCKET, FIXED_CONFIG,
                   HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                   CAUSAL: tl.constexpr, HAS_LENS: tl.constexpr, ATOMIC_DQ: tl.constexpr, DOT_PREC: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAIRS: tl.constexpr,
@@ -495,6 +498,7 @@ def _common(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, len
     return dict(
         H=h, N_Q=n_q, N_K=n_k, BH=b * h,
         N_Q_BUCKET=triton.next_power_of_2(n_q), N_K_BUCKET=triton.next_power_of_2(n_k),
+        BH_BUCKET=triton.next_power_of_2(b * h), FIXED_CONFIG=int(deterministic_backward()),
         HEAD_D=d, HEAD_DV=dv, BLOCK_D=_block_dim(d), BLOCK_DV=_block_dim(dv),
         CAUSAL=bool(causal), HAS_LENS=lengths is not None,
         # fp32 inputs get true fp32 products (not TF32) to meet the ~1e-5 fp32 tolerance.
@@ -519,7 +523,8 @@ def attention_forward(q, k, v, causal: bool, scale: float, lengths=None):
 
 
 def deterministic_backward() -> bool:
-    """The backward computes dQ in a separate pass, without atomics, when PyTorch's deterministic mode is on."""
+    """PyTorch's deterministic mode: the backward computes dQ in a separate pass, without atomics, and every kernel
+    runs a fixed (untimed) configuration, so results are bitwise reproducible across processes."""
     return torch.are_deterministic_algorithms_enabled()
 
 
