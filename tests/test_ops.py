@@ -84,6 +84,47 @@ def test_attention_chunked_path_equals_unchunked(monkeypatch):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("lengths", [None, [0, 3, 9, 40]])
+def test_inference_on_the_torch_backend_uses_sdpa_with_the_same_result(causal, lengths, monkeypatch):
+    """Gradient-free calls on the torch backend run PyTorch's SDPA (on CUDA; forced here on the CPU): same o as the
+    float64 reference, lengths as a key mask, zero rows for sequences that see no key, o in q's dtype."""
+    monkeypatch.setattr(reference, "sdpa_forward_applies", lambda q: True)
+    calls = []
+    sdpa = reference.attention_forward_sdpa
+    monkeypatch.setattr(reference, "attention_forward_sdpa", lambda *a: calls.append(1) or sdpa(*a))
+    b, n, h, dh = 4, 9, 2, 8
+    lens = None if lengths is None else torch.tensor(lengths)
+    q, k, v = (torch.randn(b, n, h, dh, dtype=torch.float64) for _ in range(3))
+    want = reference.attention_forward(q, k, v, causal, dh ** -0.5, lens)[0]  # the chunked float64 reference
+    with torch.no_grad():
+        got = ops.attention(q, k, v, causal=causal, lengths=lens)
+    assert calls == [1]
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ops.attention(q.float(), k.float(), v.float(), causal=causal, lengths=lens).dtype == torch.float32
+    q.requires_grad_(True)
+    calls.clear()
+    out = ops.attention(q, k, v, causal=causal, lengths=lens)  # training: the op with its lse and backward
+    assert calls == [] and out.requires_grad
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_torch_backend_inference_runs_sdpa(causal):
+    """On CUDA the gradient-free torch backend is PyTorch's SDPA: bf16 error within 2x of SDPA's own (it is SDPA),
+    lengths masked, zero rows for empty sequences."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q64, k64, v64 = (torch.randn(3, 261, 4, 64, device="cuda", dtype=torch.float64, generator=g) for _ in range(3))
+    lens = torch.tensor([0, 100, 261], device="cuda")
+    want = reference.attention_forward(q64, k64, v64, causal, 0.125, lens)[0]
+    with torch.no_grad():
+        got = ops.attention(q64.bfloat16(), k64.bfloat16(), v64.bfloat16(), causal=causal, lengths=lens)
+    assert got.dtype == torch.bfloat16 and got.is_contiguous() and bool(torch.isfinite(got).all())
+    assert got[0].abs().max() == 0
+    assert (got.double() - want).abs().max() < 2e-2
+
+
 def test_attention_bad_inputs():
     q = torch.randn(2, 5, 2, 8)
     with pytest.raises(ValueError, match=r"\[B, N, H, Dh\]"):

@@ -118,9 +118,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: O
         if lengths.device != q.device:
             raise ValueError(f"attention: lengths is on {lengths.device} but q is on {q.device}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     name = resolve("attention", backend, q, causal=causal, head_dim=q.shape[-1], value_dim=v.shape[-1],
-                   lengths=lengths is not None, batch_heads=q.shape[0] * q.shape[2], seq=q.shape[1],
-                   grad=torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
+                   lengths=lengths is not None, batch_heads=q.shape[0] * q.shape[2], seq=q.shape[1], grad=grad)
+    if name == "torch" and not grad and reference.sdpa_forward_applies(q):
+        # Inference on the torch backend needs no log-sum-exp: PyTorch's own fused SDPA kernels, not the chunked
+        # fp32 reference (which exists to return the lse the backward reads, and as the float64 oracle).
+        return reference.attention_forward_sdpa(q, k, v, bool(causal), scale, lengths)
     return library.attention_fwd(q, k, v, bool(causal), scale, lengths, name)[0]
 
 

@@ -70,6 +70,30 @@ def attention_forward(q, k, v, causal: bool, scale: float, lengths=None):
     return o.transpose(1, 2).to(q.dtype).contiguous(), lse
 
 
+def sdpa_forward_applies(q) -> bool:
+    """Whether the torch backend answers a gradient-free attention call with PyTorch's fused SDPA kernels: on CUDA
+    (flash / memory-efficient / cuDNN). On a CPU the chunked reference stays (it is the float64 test oracle)."""
+    return q.is_cuda
+
+
+def attention_forward_sdpa(q, k, v, causal: bool, scale: float, lengths=None):
+    """o [B,N,H,Dh] in q's dtype (contiguous) by torch.nn.functional.scaled_dot_product_attention, the same result
+    as attention_forward's o (no lse): `lengths` become a key mask; rows that see no key get o = 0, not NaN."""
+    n_q, n_k = q.shape[1], k.shape[1]
+    mask = None
+    if lengths is not None:
+        lengths = lengths.to(q.device, torch.int64)
+        mask = (torch.arange(n_k, device=q.device)[None, :] < lengths[:, None])[:, None, None, :]  # [B,1,1,Nk]
+        if causal:
+            mask = mask & _causal_mask(torch.arange(n_q, device=q.device), n_k, q.device)
+    with torch.autocast(q.device.type, enabled=False):  # o in q's dtype, like every backend
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                           is_causal=causal and mask is None, scale=scale).transpose(1, 2)
+    if lengths is not None:
+        o = o.masked_fill((lengths <= 0)[:, None, None, None], 0.0)
+    return o.contiguous()
+
+
 def attention_backward(grad_o, q, k, v, o, lse, causal: bool, scale: float, lengths=None):
     """dq, dk, dv (inputs' dtypes, contiguous) from the forward's o and lse (FlashAttention-2 formulas)."""
     acc = accumulation_dtype(q.dtype)
