@@ -140,9 +140,11 @@ def routed(order: tuple[str, ...], device: torch.device, sdpa: bool = False) -> 
     from dinotxt_fast.ops import dispatch
 
     saved_env, saved_order, saved_attention = os.environ.get(dispatch.ENV_VAR), dict(dispatch.AUTO_ORDER), ops.attention
+    saved_measured = dispatch.measured_choice
     try:
         if device.type == "cuda":
             os.environ.pop(dispatch.ENV_VAR, None)  # it would override the auto order
+            dispatch.measured_choice = lambda *args, **kwargs: None  # so would the measured per-shape table
             chain = tuple(dict.fromkeys(order + ("torch",)))
             for family in dispatch.AUTO_ORDER:
                 dispatch.AUTO_ORDER[family] = chain
@@ -153,6 +155,7 @@ def routed(order: tuple[str, ...], device: torch.device, sdpa: bool = False) -> 
         yield
     finally:
         ops.attention = saved_attention
+        dispatch.measured_choice = saved_measured
         dispatch.AUTO_ORDER.update(saved_order)
         if saved_env is None:
             os.environ.pop(dispatch.ENV_VAR, None)
@@ -204,8 +207,11 @@ def auto_problem(device: torch.device) -> Optional[str]:
 
     if device.type != "cuda":
         return "auto dispatch runs CPU tensors on the torch backend: the reference"
-    if all(order[:1] == ("torch",) for order in dispatch.AUTO_ORDER.values()):
-        return "dispatch.AUTO_ORDER prefers torch for every family (no kernel measured faster yet): the reference"
+    gpu = torch.cuda.get_device_name(device)
+    measured = any(e["gpu"] == gpu for e in dispatch._measured_entries())
+    if not measured and all(order[:1] == ("torch",) for order in dispatch.AUTO_ORDER.values()):
+        return (f"no measured dispatch entry for {gpu} and dispatch.AUTO_ORDER prefers torch for every family: "
+                "auto is the reference")
     return None
 
 
