@@ -305,6 +305,31 @@ def test_gpu_masked_keys_are_never_read(path):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("path", ["sm80", "sm90"])
+@pytest.mark.parametrize("n_q,n_k", [(33, 150), (300, 7), (129, 64)])
+def test_gpu_cross_attention(path, n_q, n_k):
+    """Nq != Nk (non-causal): the query tail and the key tail fall in different tiles; with and without lengths."""
+    _skip_unless_runnable(path)
+    g = torch.Generator(device="cuda").manual_seed(n_q)
+    q = torch.randn(2, n_q, 3, 64, device="cuda", generator=g).to(torch.float16)
+    k, v = (torch.randn(2, n_k, 3, 64, device="cuda", generator=g).to(torch.float16) for _ in range(2))
+    _check_forward(q, k, v, False, None, path)
+    _check_forward(q, k, v, False, torch.tensor([n_k, 5], device="cuda"), path)
+
+
+@pytest.mark.gpu
+def test_gpu_runs_on_the_tensors_device():
+    """Tensors on a GPU other than the current one: the launch must happen on theirs, with their stream."""
+    _skip_unless_runnable("sm80")
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    q, k, v = (t.to("cuda:1") for t in _make(2, 77, 3, 64, torch.bfloat16, seed=14))
+    with torch.cuda.device(0):
+        for path in _cuda_paths():
+            _check_forward(q, k, v, True, None, path)
+
+
+@pytest.mark.gpu
 def test_gpu_batch_heads_beyond_one_grid_dimension():
     """B * H = 70400 > 65535: the sm80 kernel folds it over two grid dimensions."""
     _skip_unless_runnable("sm80")

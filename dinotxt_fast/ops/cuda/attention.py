@@ -104,10 +104,14 @@ def forward(q, k, v, causal: bool, scale: float, lengths: Optional[torch.Tensor]
     lse = _empty(b, h, n_q, dtype=torch.float32, device=q.device)
     # Clamped in the stored dtype first: int64 lengths may not fit int32 (values past Nk mask nothing).
     lens = lengths.clamp(0, n_k).to(torch.int32).contiguous() if lengths is not None else None
-    ran = ext.attention_forward(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr(), lens.data_ptr() if lens is not None
-        else 0, DTYPE_CODES[q.dtype], b, n_q, n_k, h, d, q.stride()[:3], k.stride()[:3], v.stride()[:3],
-        o.stride()[:3], bool(causal), float(scale), PATH_CODES[path], _ext.current_stream_ptr(q.device))
+    # The launcher queries and launches on the current device: make it the tensors' one (callers other than the
+    # torch.library op, e.g. tests and benchmarks, may hold tensors on another GPU).
+    with torch.cuda.device(q.device):
+        ran = ext.attention_forward(
+            q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr(),
+            lens.data_ptr() if lens is not None else 0, DTYPE_CODES[q.dtype], b, n_q, n_k, h, d, q.stride()[:3],
+            k.stride()[:3], v.stride()[:3], o.stride()[:3], bool(causal), float(scale), PATH_CODES[path],
+            _ext.current_stream_ptr(q.device))
     return o, lse, PATH_NAMES[ran]
 
 
