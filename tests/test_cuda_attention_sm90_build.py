@@ -1,9 +1,12 @@
 """Build checks of the Hopper attention kernel (csrc/attention/attention_fwd_sm90.cu) that need no GPU.
 
 For sm_90a, ptxas must report no spills and no stack frame for any instantiation (fp16/bf16 x head dim 64/128 x
-causal or not), and none of its wgmma/setmaxnreg performance warnings (C75xx: serialised wgmma, an injected
-warpgroup.arrive, an ignored setmaxnreg); the SASS must use HGMMA and TMA loads (UTMALDG). The same file must still
-compile for sm_80, where the kernel body is a trap stub. Skipped where nvcc (or, for the SASS, cuobjdump) is missing.
+causal or not), an entry register count whose CTA pool covers the setmaxnreg split (else the consumers' register
+request waits forever), and none of its wgmma/setmaxnreg performance warnings (C75xx: serialised wgmma, an injected
+warpgroup.arrive, an ignored setmaxnreg); the SASS must use HGMMA and TMA loads (UTMALDG), keep one P V group in
+flight across the softmax, and reach shared memory through STS/LDS rather than generic stores. The same file must
+still compile for sm_80, where the kernel body is a trap stub. Skipped where nvcc (or, for the SASS, cuobjdump) is
+missing.
 """
 import glob
 import os
@@ -19,10 +22,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCE = os.path.join(REPO, "csrc", "attention", "attention_fwd_sm90.cu")
 KERNEL = "attention_fwd_sm90_kernel"
 INSTANTIATIONS = 8  # {__half, __nv_bfloat16} x {64, 128} x {non-causal, causal}
+# The kernel's warpgroup roles and their setmaxnreg targets (attention_fwd_sm90.cu: kThreads, kProducerRegs,
+# kConsumerRegs): one producer warpgroup at 24 registers, two consumer warpgroups at 240.
+THREADS, PRODUCER_REGS, CONSUMER_REGS = 384, 24, 240
 
 # ptxas -v: "Function properties for NAME" then "N bytes stack frame, N bytes spill stores, N bytes spill loads".
 PROPERTIES = re.compile(r"Function properties for (\S+)\s+(\d+) bytes stack frame, (\d+) bytes spill stores, "
                         r"(\d+) bytes spill loads")
+# ptxas -v, after the properties: "Used N registers".
+REGISTERS = re.compile(r"Function properties for (\S+)\s+.*?\n.*?Used (\d+) registers")
 
 
 def _nvcc_or_skip():
@@ -48,9 +56,11 @@ def _cuobjdump(nvcc):
 
 
 def _compile(nvcc, arch, archs_macro, out_dir):
-    """Compiles the kernel file to a cubin for `arch`; returns (cubin path, nvcc/ptxas output)."""
-    cubin = os.path.join(str(out_dir), f"attention_fwd_{arch}.cubin")
-    cmd = [nvcc, "-std=c++17", "-O3", f"-arch={arch}", "-Xptxas", "-v", "-cubin",
+    """Compiles the kernel file to a cubin for `arch` ("90a", "80"); returns (cubin path, nvcc/ptxas output).
+    The explicit -gencode form: newer nvcc also runs a plain sm_90 pass for the -arch=sm_90a shorthand, which rejects
+    wgmma and setmaxnreg."""
+    cubin = os.path.join(str(out_dir), f"attention_fwd_sm_{arch}.cubin")
+    cmd = [nvcc, "-std=c++17", "-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Xptxas", "-v", "-cubin",
            f'-DDINOTXT_FAST_CUDA_ARCHS="{archs_macro}"', "-I", os.path.join(REPO, "csrc"), "-o", cubin, SOURCE]
     result = subprocess.run(cmd, capture_output=True, text=True)
     log = result.stdout + result.stderr
@@ -69,7 +79,7 @@ def _sass_by_function(cuobjdump, cubin):
 @pytest.fixture(scope="module")
 def sm90a(tmp_path_factory):
     nvcc = _nvcc_or_skip()
-    cubin, log = _compile(nvcc, "sm_90a", "90a", tmp_path_factory.mktemp("sm90a"))
+    cubin, log = _compile(nvcc, "90a", "90a", tmp_path_factory.mktemp("sm90a"))
     return nvcc, cubin, log
 
 
@@ -80,6 +90,17 @@ def test_sm90a_builds_without_spills(sm90a):
     for match in properties:
         name, stack, spill_stores, spill_loads = match.group(1), *map(int, match.groups()[1:])
         assert (stack, spill_stores, spill_loads) == (0, 0, 0), f"{name}: {match.group(0)}"
+
+
+def test_sm90a_register_pool_covers_the_setmaxnreg_split(sm90a):
+    """A CTA gets THREADS * (entry register count) registers; setmaxnreg only moves them between warpgroups, so the
+    consumers' increase must fit in what the producer gives back, or their setmaxnreg.inc never returns."""
+    _, _, log = sm90a
+    counts = {m.group(1): int(m.group(2)) for m in REGISTERS.finditer(log) if KERNEL in m.group(1)}
+    assert len(counts) == INSTANTIATIONS, log
+    needed = (THREADS // 3) * (PRODUCER_REGS + 2 * CONSUMER_REGS)
+    for name, regs in counts.items():
+        assert THREADS * regs >= needed, f"{name}: {regs} registers at entry, pool {THREADS * regs} < {needed}"
 
 
 def test_sm90a_has_no_wgmma_or_setmaxnreg_performance_warnings(sm90a):
@@ -100,13 +121,21 @@ def test_sm90a_sass_uses_hgmma_and_tma(sm90a):
         assert "HGMMA.64x128x16.F32" in sass, f"{name}: no 64x128 HGMMA for S = Q K^T"
         assert f"HGMMA.64x{head_dim}x16.F32" in sass, f"{name}: no 64x{head_dim} HGMMA for O = P V"
         assert "UTMALDG" in sass, f"{name}: no TMA load"
-        assert "USETMAXREG" in sass, f"{name}: no setmaxnreg"
+        assert f"USETMAXREG.DEALLOC.CTAPOOL {PRODUCER_REGS:#x}" in sass, f"{name}: no producer setmaxnreg.dec"
+        assert re.search(rf"USETMAXREG\.TRY_ALLOC\.CTAPOOL \w+, {CONSUMER_REGS:#x}\b", sass), \
+            f"{name}: no consumer setmaxnreg.inc"
         assert not re.search(r"\b(LDL|STL)\b", sass), f"{name}: uses local memory"
+        # The main loop waits for S = Q K^T with the P V group still pending (wait_group 1), so the softmax overlaps
+        # it; a compiler-serialised pipeline would only wait for 0.
+        assert "WARPGROUP.DEPBAR.LE gsb0, 0x1" in sass, f"{name}: P V does not overlap the softmax"
+        # Shared memory written by ordinary stores (V zeroing, the epilogue's staging) goes through STS/LDS: generic
+        # LD/ST there means the shared base lost its address space.
+        assert not re.search(r"\b(ST|LD)\.E\b", sass), f"{name}: generic loads/stores (expected STS/LDS)"
 
 
 def test_sm80_builds_with_a_trap_stub(tmp_path):
     nvcc = _nvcc_or_skip()
-    cubin, _ = _compile(nvcc, "sm_80", "80", tmp_path)
+    cubin, _ = _compile(nvcc, "80", "80", tmp_path)
     cuobjdump = _cuobjdump(nvcc)
     if cuobjdump is None:
         return  # the build itself is the check; the SASS check below needs cuobjdump

@@ -64,7 +64,10 @@ constexpr int kAtomBytes = 1024;    // 8 rows x 128 bytes: the 128B-swizzle peri
 // Shared-memory plan for one head dimension. Byte offsets from a 1024-byte aligned base.
 template <int kDh>
 struct Smem {
-  static constexpr int kStages = kDh == 64 ? 3 : 2;
+  // A stage (K and V of one tile) is freed only after its P V, which runs one tile behind S = Q K^T: the consumers
+  // hold two stages at a time, so with 2 stages the producer could start tile it+1 only when it is already needed
+  // (the whole TMA latency exposed every tile). 3 stages keep one tile in flight; for Dh = 128 that is 225 KB.
+  static constexpr int kStages = 3;
   static constexpr int kColBlocks = kDh / kBlockCols;
   static constexpr int kQBytes = kBM * kDh * 2;
   static constexpr int kTileBytes = kBN * kDh * 2;  // one K or one V tile
@@ -602,9 +605,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 #if DTF_SM90_DEVICE
   using S = Smem<kDh>;
   extern __shared__ std::uint8_t smem_raw[];
-  // TMA 128B swizzle and the wgmma descriptors assume 1024-byte aligned tiles.
-  std::uint8_t* smem = reinterpret_cast<std::uint8_t*>(
-      (reinterpret_cast<std::uintptr_t>(smem_raw) + kAtomBytes - 1) & ~static_cast<std::uintptr_t>(kAtomBytes - 1));
+  // TMA 128B swizzle and the wgmma descriptors assume 1024-byte aligned tiles. The base is aligned by offsetting
+  // smem_raw itself (not through an integer cast), so the compiler keeps it in the shared window: the V zeroing and
+  // the epilogue's staging then use STS/LDS, not generic ST/LD.
+  std::uint8_t* smem = smem_raw + ((kAtomBytes - (smem_u32(smem_raw) & (kAtomBytes - 1))) & (kAtomBytes - 1));
   const std::uint32_t sbase = smem_u32(smem);
   const Bars<kDh> bars{sbase + S::kBars};
 
