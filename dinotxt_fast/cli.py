@@ -77,7 +77,8 @@ def _extension_report() -> dict:
 def _backends_report() -> dict:
     try:
         from .ops import backends
-        return {name: {"available": bool(s["available"]), "reason": str(s.get("reason", ""))}
+        return {name: {"available": bool(s["available"]), "reason": str(s.get("reason", "")),
+                       "ops": list(s.get("ops", []))}
                 for name, s in backends().items()}
     except Exception as exc:
         return {"error": {"available": False, "reason": f"dinotxt_fast.ops failed: {type(exc).__name__}: {exc}"}}
@@ -107,7 +108,18 @@ def collect_info() -> dict:
         "cuda_devices": devices,
         "extension": _extension_report(),
         "backends": _backends_report(),
+        "measured_dispatch": _measured_report(),
     }
+
+
+def _measured_report() -> dict:
+    """How many measured per-shape dispatch entries ship with the package, and for which GPUs."""
+    try:
+        from .ops import dispatch
+        entries = dispatch._measured_entries()
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    return {"entries": len(entries), "gpus": sorted({e["gpu"] for e in entries})}
 
 
 def _print_info(info: dict) -> None:
@@ -125,10 +137,17 @@ def _print_info(info: dict) -> None:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
+    measured = info["measured_dispatch"]
+    print("auto dispatch: " + (measured["error"] if "error" in measured else
+                               f"{measured['entries']} measured per-shape entries"
+                               + (f" ({', '.join(measured['gpus'])})" if measured["gpus"] else
+                                  " (none: auto keeps the reference until GPU benchmarks are measured)")))
     print("backends:")
     for name, status in info["backends"].items():
         state = "available" if status["available"] else "unavailable"
         print(f"  {name:<8} {state:<12} {status['reason']}")
+        if status.get("ops"):
+            print(f"  {'':<8} {'':<12} ops: {', '.join(status['ops'])}")
 
 
 def _run_info(args) -> int:

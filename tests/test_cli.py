@@ -63,6 +63,9 @@ def test_info_reports_versions_and_backends(capsys):
     assert info["backends"]["torch"]["available"] is True
     assert isinstance(info["extension"]["built"], bool)
     assert info["extension"]["built"] or info["extension"]["reason"]
+    assert "attention" in info["backends"]["torch"]["ops"]
+    from dinotxt_fast.ops import dispatch
+    assert info["measured_dispatch"]["entries"] == len(dispatch._measured_entries())
 
 
 def test_no_command_prints_help(capsys):
