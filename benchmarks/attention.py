@@ -37,6 +37,7 @@ import importlib
 import inspect
 import os
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -44,8 +45,9 @@ from typing import Callable, Optional
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-from benchmarks.harness import (RESULTS_DIR, Rotation, add_ratios, environment, is_ours,  # noqa: E402
-                                measure_ceilings, peak_memory_mib, print_row, result, time_ms, write_results)
+from benchmarks.harness import (  # noqa: E402
+    RESULTS_DIR, add_budget_argument, add_ratios, environment, free_cache, is_ours, measure_ceilings, over_budget,
+    peak_memory_mib, print_row, result, Rotation, time_ms, write_results)
 
 PASSES = ("fwd", "bwd", "fwd+bwd")
 FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
@@ -127,11 +129,14 @@ def parse_args(argv=None):
     parser.add_argument("--passes", default=",".join(PASSES), help=f"comma-separated subset of {PASSES}")
     parser.add_argument("--list", action="store_true", help="print the cases and exit")
     parser.add_argument("--out", default=str(RESULTS_DIR), help="results directory")
+    add_budget_argument(parser)
     args = parser.parse_args(argv)
     args.passes = [p for p in args.passes.split(",") if p]
     unknown = sorted(set(args.passes) - set(PASSES))
     if unknown or not args.passes:
         parser.error(f"unknown or no passes {unknown or args.passes}; choose from {PASSES}")
+    if args.budget_s is not None and args.budget_s <= 0:
+        parser.error(f"--budget-s must be positive, got {args.budget_s}")
     return args
 
 
@@ -350,9 +355,14 @@ def check(impl: Impl, case: Case, inputs, reference: Optional[dict]) -> tuple[di
     q, k, v, grad_out, lengths = inputs
     lens = lengths if impl.with_lengths else None
     fields = {}
+    start = time.perf_counter()
     with impl.mode():
         out = impl.fn(q, k, v, case.causal, lens)
         grads = None if impl.passes == ("fwd",) else torch.autograd.grad(out, (q, k, v), grad_out)
+        if q.is_cuda:
+            torch.cuda.synchronize(q.device)
+        # The first call's wall time: JIT compiles and autotuning (Triton, FA4's CuTe DSL) are most of it.
+        fields["first_call_s"] = round(time.perf_counter() - start, 3)
         if impl.describe is not None:
             with torch.no_grad():
                 fields.update(impl.describe(q, k, v, case.causal, lens))
@@ -398,7 +408,9 @@ def pass_step(torch, impl: Impl, case: Case, pass_: str, sets) -> Callable:
     return bwd
 
 
-def run_case(case: Case, impls: list[Impl], passes, device, dtype, quick: bool, ceilings: dict) -> list[dict]:
+def run_case(case: Case, impls: list[Impl], passes, device, dtype, quick: bool, ceilings: dict,
+             budget: Callable[[], Optional[str]] = lambda: None) -> list[dict]:
+    """Every implementation's rows for one case; `budget()` returns a reason once the time budget is used up."""
     import torch
 
     generator = torch.Generator(device=device).manual_seed(0)
@@ -421,7 +433,7 @@ def run_case(case: Case, impls: list[Impl], passes, device, dtype, quick: bool, 
         impl_passes = [p for p in passes if p in impl.passes]
         if not impl_passes:
             continue
-        reason = impl.unavailable
+        reason = impl.unavailable or budget()
         if reason is None and impl.name == "sdpa math" and not math_fits(case, device):
             reason = "the math backend's fp32 scores do not fit in free memory"
         fields = {}
@@ -430,7 +442,7 @@ def run_case(case: Case, impls: list[Impl], passes, device, dtype, quick: bool, 
                 fields, reference = check(impl, case, rotation.sets[0], reference)
             except Exception as error:  # noqa: BLE001 - an unsupported backend/shape is a result, not a crash
                 reason = _error_text(error)
-            _free(torch, device)
+            free_cache(device)
         if lengths is not None and impl.name.startswith("ours"):
             fields["speedup_kind"] = ("end-to-end-equivalent (pooled text embeddings identical)" if impl.with_lengths
                                       else "same work")
@@ -448,13 +460,8 @@ def run_case(case: Case, impls: list[Impl], passes, device, dtype, quick: bool, 
             except Exception as error:  # noqa: BLE001
                 add(result(case.name, impl.name, pass_=pass_, shape=shape, skipped=_error_text(error)))
             step = None
-            _free(torch, device)
+            free_cache(device)
     return rows
-
-
-def _free(torch, device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def add_sdpa_ratios(rows: list[dict]) -> None:
@@ -497,12 +504,18 @@ NOTES = {
               "2x L2 (input_sets in shape); bwd alone re-runs the backward through one retained graph per set.",
     "quick": "--quick on CUDA: ViT batches 64/16 and text 256 instead of 256/64/16 and 1024, no deterministic "
              "rows, fewer repetitions; the targets are stated for the full run (batches filling the GPU).",
+    "first_call_s": "wall time of each implementation's first call on the case (forward, and backward unless it is "
+                    "forward-only), synchronised: mostly JIT compilation and autotuning; never part of a timing",
+    "budget": "with --budget-s (the GPU suite's time limit), implementations not started in time give skipped rows "
+              "saying so",
     "targets": TARGETS,
 }
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # From the start: the suite's hard limit counts the setup (environment, ceilings) too.
+    deadline = None if args.budget_s is None else time.monotonic() + args.budget_s
     cases = select_cases(args)
     if args.list:
         for case in cases:
@@ -530,7 +543,13 @@ def main(argv=None) -> int:
     for case in cases:
         print(f"{case.name}: B={case.batch} N={case.seq} H={case.heads} Dh={case.head_dim} causal={case.causal}",
               flush=True)
-        rows += run_case(case, impls, args.passes, device, dtype, quick, ceilings)
+        try:
+            rows += run_case(case, impls, args.passes, device, dtype, quick, ceilings,
+                             lambda: over_budget(deadline, args.budget_s))
+        except Exception as error:  # noqa: BLE001 - e.g. its inputs do not fit: the other cases still run
+            rows.append(result(case.name, "(case setup)", skipped=_error_text(error)))
+            print_row(rows[-1])
+            free_cache(device)
     add_ratios(rows)
     add_sdpa_ratios(rows)
     for r in rows:
@@ -539,7 +558,8 @@ def main(argv=None) -> int:
                   f"vs {r['best_baseline']}", flush=True)
     write_results("attention", rows, env, ceilings, args.out, notes=NOTES,
                   settings={"dtype": str(dtype).replace("torch.", ""), "quick": args.quick, "passes": args.passes,
-                            "cases": [asdict(c) for c in cases], "deterministic_rows": deterministic_rows})
+                            "cases": [asdict(c) for c in cases], "deterministic_rows": deterministic_rows,
+                            "budget_s": args.budget_s})
     return 0
 
 

@@ -29,14 +29,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-from benchmarks.harness import (RESULTS_DIR, Rotation, add_ratios, environment, is_ours,  # noqa: E402
-                                measure_ceilings, peak_memory_mib, print_row, result, time_ms, write_results)
+from benchmarks.harness import (  # noqa: E402
+    RESULTS_DIR, add_budget_argument, add_ratios, environment, free_cache, is_ours, measure_ceilings, over_budget,
+    peak_memory_mib, print_row, result, Rotation, time_ms, write_results)
 
 FULL_CASES = ["4096x4096", "4096x32768", "65536x65536"]
 QUICK_CASES = ["4096x4096", "4096x32768"]
@@ -88,8 +90,13 @@ NOTES = {
         "official_ring": "the official DINO.txt ring loss in plain PyTorch: fp32 features, [B_local, B_local] "
                          "blocks per ring step, recomputed in a custom backward (the other ranks' column terms are "
                          "not simulated)",
-        "inf_cl": "Inf-CL cal_inf_loss both ways on fp32 normalised features (its single-GPU path)",
+        "inf_cl": "Inf-CL cal_inf_loss both ways on fp32 normalised features (its single-GPU path); the logit scale "
+                  "multiplies the query rows before the call (what cal_inf_loss does with `scale=`, whose gradient "
+                  "path all-reduces and needs a process group)",
     },
+    "first_call_s": "wall time of each method's first forward+backward on the case, synchronised: mostly JIT "
+                    "compilation and autotuning; never part of a timing",
+    "budget": "with --budget-s (the GPU suite's time limit), methods not started in time give skipped rows saying so",
     "targets": TARGETS,
 }
 
@@ -106,7 +113,10 @@ def parse_args(argv=None):
                    help="feature dtype (default bfloat16; float32 on cpu: the interpreter cannot do bf16 dots)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
     p.add_argument("--out", default=str(RESULTS_DIR), help="results directory")
+    add_budget_argument(p)
     args = p.parse_args(argv)
+    if args.budget_s is not None and args.budget_s <= 0:
+        p.error(f"--budget-s must be positive, got {args.budget_s}")
     cpu = args.device == "cpu"
     try:
         args.cases = [parse_case(c) for c in (args.cases or (CPU_CASES if cpu else QUICK_CASES if args.quick
@@ -214,8 +224,10 @@ def make_methods(torch, F, ops, library, reference):
         i_all, t_all = F.normalize(leaves[0].float(), dim=-1), F.normalize(leaves[1].float(), dim=-1)
         labels = torch.arange(b_local, device=i_all.device)
         s = leaves[2].exp()
-        loss = 0.5 * (cal_inf_loss(i_all[:b_local], t_all, labels=labels, scale=s)
-                      + cal_inf_loss(t_all[:b_local], i_all, labels=labels, scale=s))
+        # The scale multiplies the query rows here, as cal_inf_loss does with its `scale`: passed to it, the scale goes
+        # through its GradientGather, whose backward all-reduces and fails without a process group (one GPU).
+        loss = 0.5 * (cal_inf_loss(s * i_all[:b_local], t_all, labels=labels)
+                      + cal_inf_loss(s * t_all[:b_local], i_all, labels=labels))
         return torch.autograd.grad(loss, leaves)
 
     def ours(backend):
@@ -280,7 +292,9 @@ def grad_diffs(grads, ref) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- running
-def run_case(torch, methods, names, ops, b_local, b_global, dim, dtype, device, quick, ceilings) -> list[dict]:
+def run_case(torch, methods, names, ops, b_local, b_global, dim, dtype, device, quick, ceilings,
+             budget: Callable[[], Optional[str]] = lambda: None) -> list[dict]:
+    """One row per method; `budget()` returns a reason once the time budget is used up."""
     generator = torch.Generator(device=device).manual_seed(0)
 
     def make_inputs():
@@ -297,7 +311,7 @@ def run_case(torch, methods, names, ops, b_local, b_global, dim, dtype, device, 
     references, rows = {}, []
     for name in names:
         label = impl_name(name)
-        reason = unavailable(name, ops, device)
+        reason = unavailable(name, ops, device) or budget()
         if reason is not None:
             rows.append(result(case, label, pass_="fwd+bwd", shape=shape, skipped=reason, method=name))
             print_row(rows[-1])
@@ -305,7 +319,11 @@ def run_case(torch, methods, names, ops, b_local, b_global, dim, dtype, device, 
         run = methods[name]
         try:
             fields = {"method": name}
+            start = time.perf_counter()
             grads = run(*rotation.sets[0], b_local)  # compiles / autotunes outside the measurement
+            if device == "cuda":
+                torch.cuda.synchronize()
+            fields["first_call_s"] = round(time.perf_counter() - start, 3)  # mostly compiles and autotuning
             fields["gradient_mib"] = sum(g.numel() * g.element_size() for g in grads) / 2**20
             key = comparable(name, b_local, b_global)
             if key is not None and key in references:
@@ -329,8 +347,7 @@ def run_case(torch, methods, names, ops, b_local, b_global, dim, dtype, device, 
             lines = str(error).strip().splitlines()
             rows.append(result(case, label, pass_="fwd+bwd", shape=shape, method=name,
                                skipped=f"{type(error).__name__}: {lines[0][:300] if lines else ''}"))
-        if device == "cuda":
-            torch.cuda.empty_cache()
+        free_cache(device)
         print_row(rows[-1])
     return rows
 
@@ -346,6 +363,8 @@ def add_each_baseline(rows: list[dict]) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # From the start: the suite's hard limit counts the setup (environment, ceilings) too.
+    deadline = None if args.budget_s is None else time.monotonic() + args.budget_s
     if args.device == "cpu":
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: the Triton kernels run interpreted
     import torch
@@ -366,8 +385,14 @@ def main(argv=None) -> int:
     rows = []
     for b_local, b_global in args.cases:
         print(f"{b_local}x{b_global}: E={args.dim} {args.dtype}", flush=True)
-        rows += run_case(torch, methods, args.methods, ops, b_local, b_global, args.dim, dtype, device, quick,
-                         ceilings)
+        try:
+            rows += run_case(torch, methods, args.methods, ops, b_local, b_global, args.dim, dtype, device, quick,
+                             ceilings, lambda: over_budget(deadline, args.budget_s))
+        except Exception as error:  # noqa: BLE001 - e.g. its inputs do not fit: the other cases still run
+            rows.append(result(f"{b_local}x{b_global}", "(case setup)", pass_="fwd+bwd",
+                               skipped=f"{type(error).__name__}: {str(error)[:300]}"))
+            print_row(rows[-1])
+            free_cache(device)
     add_ratios(rows)
     add_each_baseline(rows)
     for r in rows:
@@ -377,7 +402,8 @@ def main(argv=None) -> int:
     allow_tf32 = torch.backends.cuda.matmul.allow_tf32
     write_results("contrastive", rows, env, ceilings, args.out, notes=NOTES,
                   settings={"quick": args.quick, "dim": args.dim, "dtype": args.dtype, "methods": args.methods,
-                            "cases": [f"{bl}x{bg}" for bl, bg in args.cases], "allow_tf32_matmul": allow_tf32})
+                            "cases": [f"{bl}x{bg}" for bl, bg in args.cases], "allow_tf32_matmul": allow_tf32,
+                            "budget_s": args.budget_s})
     return 0
 
 

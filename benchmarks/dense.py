@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -34,18 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 from benchmarks.harness import (  # noqa: E402
-    RESULTS_DIR,
-    Rotation,
-    add_ratios,
-    environment,
-    is_ours,
-    measure_ceilings,
-    peak_memory_mib,
-    print_row,
-    result,
-    time_ms,
-    write_results,
-)
+    RESULTS_DIR, add_budget_argument, add_ratios, environment, first_call, free_cache, is_ours, measure_ceilings,
+    over_budget, peak_memory_mib, print_row, result, Rotation, time_ms, write_results)
 
 EPS = 1e-5
 PARTS = ("pool", "decode")
@@ -119,6 +110,17 @@ def backend_problem(name: str, family: str, device: torch.device) -> Optional[st
     return None
 
 
+def compile_problem(case: PoolCase, device: torch.device, quick: bool, no_compile: bool) -> Optional[str]:
+    """Why the torch.compile pooling baseline does not run on `case`, or None."""
+    if device.type != "cuda":
+        return "not run: a CPU smoke run"
+    if no_compile:
+        return "not run: --no-compile"
+    if quick and not case.ln:  # two compiles (forward, forward+backward graph) of tens of seconds each per case
+        return "not run with --quick (compile time): the +LN+L2 case of the same shape has it"
+    return None
+
+
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
 
@@ -147,21 +149,20 @@ def eager_pool(tokens, registers: int, weight, bias, normalize: bool):
     return F.normalize(pooled, dim=-1) if normalize else pooled
 
 
-def pool_implementations(device: torch.device, use_compile: bool) -> list[tuple[str, Optional[str], object]]:
-    """(impl name, backend or None, eager function or a skip reason) in order; the first is the reference."""
+def pool_implementations(device: torch.device, compile_skip: Optional[str]) -> list[tuple[str, Optional[str], object]]:
+    """(impl name, backend or None, eager function or a skip reason) in order; the first is the reference.
+    `compile_skip`: why the torch.compile baseline does not run, None when it does."""
     impls: list[tuple[str, Optional[str], object]] = [(EAGER_POOL, None, eager_pool)]
-    if use_compile:
-        impls.append(("torch.compile", None, torch.compile(eager_pool)))
-    else:
-        impls.append(("torch.compile", None, "not run: --no-compile or a CPU smoke run"))
+    impls.append(("torch.compile", None, compile_skip or torch.compile(eager_pool)))
     impls.append(("torch backend (reference op)", "torch", None))
     for name in KERNEL_BACKENDS:
         impls.append((f"ours ({name})", name, backend_problem(name, "patch_pool", device)))
     return impls
 
 
-def run_pool(case: PoolCase, device: torch.device, dtype: torch.dtype, quick: bool, use_compile: bool,
-             ceilings: dict, rows: list[dict]) -> None:
+def run_pool(case: PoolCase, device: torch.device, dtype: torch.dtype, quick: bool, compile_skip: Optional[str],
+             ceilings: dict, rows: list[dict], budget: Callable[[], Optional[str]] = lambda: None) -> None:
+    """Every pooling implementation's fwd and bwd rows; `budget()` returns a reason once the time budget is used up."""
     b, r, n, d, ln = case.batch, case.registers, case.tokens, case.dim, case.ln
     size = torch.empty((), dtype=dtype).element_size()
     # Forward: tokens read once, [B, 2D] written. Backward: [B, 2D] read, d_tokens written, and with the LayerNorm
@@ -179,29 +180,30 @@ def run_pool(case: PoolCase, device: torch.device, dtype: torch.dtype, quick: bo
     check = make(requires_grad=True)  # one fixed input set every implementation is checked on
     rot = Rotation(make, device)
     reference: dict[str, torch.Tensor] = {}
-    for impl, backend, fn in pool_implementations(device, use_compile):
-        if isinstance(fn, str):
+    for impl, backend, fn in pool_implementations(device, compile_skip):
+        skip = fn if isinstance(fn, str) else budget()
+        if skip is not None:
             for pass_ in ("fwd", "bwd"):
-                rows.append(result(case.name, impl, pass_=pass_, shape=shape, skipped=fn))
+                rows.append(result(case.name, impl, pass_=pass_, shape=shape, skipped=skip))
                 print_row(rows[-1])
             continue
         for pass_, (call, inputs) in pool_calls(backend, fn, case, make, check, rot, device).items():
             try:
                 with torch.no_grad():  # autograd.grad still differentiates the graphs recorded by with_graph
                     checked, rotation = inputs()
-                    out = call(*checked)
+                    out, first_s = first_call(lambda: call(*checked), device)
                     timing = time_ms(lambda: call(*rotation.next()), device, quick)
                     peak = peak_memory_mib(lambda: call(*checked), device)
                 reference.setdefault(pass_, out)
                 rows.append(result(case.name, impl, timing, pass_=pass_, shape=shape, bytes_moved=work[pass_],
                                    items=b, item_name="images", peak_memory=peak, ceilings=ceilings,
-                                   max_abs_diff=max_abs_diff(out, reference[pass_]), backend=backend))
+                                   max_abs_diff=max_abs_diff(out, reference[pass_]), backend=backend,
+                                   first_call_s=first_s))
             except Exception as exc:  # noqa: BLE001 - one failing implementation must not abort the run
                 rows.append(result(case.name, impl, pass_=pass_, shape=shape, skipped=error_text(exc)))
             print_row(rows[-1])
             checked = rotation = out = None  # free the recorded graphs before the next implementation
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            free_cache(device)
 
 
 def pool_calls(backend: Optional[str], fn, case: PoolCase, make, check, rot: Rotation, device: torch.device):
@@ -285,7 +287,9 @@ def decode_inputs(case: DecodeCase, device: torch.device):
     return canvas, boxes, grid, whole_grid, make_windows, make_whole
 
 
-def run_decode(case: DecodeCase, device: torch.device, quick: bool, ceilings: dict, rows: list[dict]) -> None:
+def run_decode(case: DecodeCase, device: torch.device, quick: bool, ceilings: dict, rows: list[dict],
+               budget: Callable[[], Optional[str]] = lambda: None) -> None:
+    """Every decode implementation's whole and slide rows; `budget()` returns a reason once the budget is used up."""
     from dinotxt_fast import ops
 
     canvas, boxes, grid, whole_grid, make_windows, make_whole = decode_inputs(case, device)
@@ -319,12 +323,13 @@ def run_decode(case: DecodeCase, device: torch.device, quick: bool, ceilings: di
             impls.append((f"ours ({name})", backend_problem(name, op, device) or ours(name)))
         ref_labels = ref_scores = None
         for impl, fn in impls:
-            if isinstance(fn, str):
-                rows.append(result(case.name, impl, pass_=pass_, shape=shape, skipped=fn))
+            skip = fn if isinstance(fn, str) else budget()
+            if skip is not None:
+                rows.append(result(case.name, impl, pass_=pass_, shape=shape, skipped=skip))
                 print_row(rows[-1])
                 continue
             try:
-                labels, scores = fn(*check, with_scores=True)
+                (labels, scores), first_s = first_call(lambda: fn(*check, with_scores=True), device)
                 if ref_labels is None:
                     ref_labels, ref_scores = labels, scores
                 timing = time_ms(lambda: fn(*rot.next()), device, quick)
@@ -332,7 +337,7 @@ def run_decode(case: DecodeCase, device: torch.device, quick: bool, ceilings: di
                 rows.append(result(case.name, impl, timing, pass_=pass_, shape=shape, bytes_moved=bytes_moved,
                                    items=1, item_name="images", peak_memory=peak, ceilings=ceilings,
                                    pixel_agreement=float((labels == ref_labels).double().mean()),
-                                   max_abs_diff=max_abs_diff(scores, ref_scores)))
+                                   max_abs_diff=max_abs_diff(scores, ref_scores), first_call_s=first_s))
             except Exception as exc:  # noqa: BLE001 - one failing implementation must not abort the run
                 rows.append(result(case.name, impl, pass_=pass_, shape=shape, skipped=error_text(exc)))
             print_row(rows[-1])
@@ -349,7 +354,10 @@ def parse_args(argv=None):
                         "(always skipped on CPU)")
     parser.add_argument("--list", action="store_true", help="print the cases and exit")
     parser.add_argument("--out", default=str(RESULTS_DIR), help="results directory")
+    add_budget_argument(parser)
     args = parser.parse_args(argv)
+    if args.budget_s is not None and args.budget_s <= 0:
+        parser.error(f"--budget-s must be positive, got {args.budget_s}")
     args.parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = sorted(set(args.parts) - set(PARTS))
     if unknown:
@@ -359,6 +367,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     parser, args = parse_args(argv)
+    # From the start: the suite's hard limit counts the setup (environment, ceilings) too.
+    deadline = None if args.budget_s is None else time.monotonic() + args.budget_s
     cases: dict[str, list] = {"pool": pool_cases(args.device, args.quick) if "pool" in args.parts else [],
                               "decode": decode_cases(args.device, args.quick) if "decode" in args.parts else []}
     if args.list:
@@ -378,21 +388,30 @@ def main(argv=None) -> int:
     use_compile = device.type == "cuda" and not args.no_compile
     torch.manual_seed(0)
     rows: list[dict] = []
+
+    def budget() -> Optional[str]:
+        return over_budget(deadline, args.budget_s)
+
     run: list[tuple[str, Callable[[], None]]] = []
     for case in cases["pool"]:
-        run.append(("pool", lambda case=case: run_pool(case, device, dtype, args.quick, use_compile, ceilings, rows)))
+        compile_skip = compile_problem(case, device, args.quick, args.no_compile)
+        run.append((case.name, lambda case=case, skip=compile_skip: run_pool(case, device, dtype, args.quick, skip,
+                                                                             ceilings, rows, budget)))
     for case in cases["decode"]:
-        run.append(("decode", lambda case=case: run_decode(case, device, args.quick, ceilings, rows)))
-    for part, fn in run:
-        fn()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        run.append((case.name, lambda case=case: run_decode(case, device, args.quick, ceilings, rows, budget)))
+    for name, fn in run:
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - e.g. its inputs do not fit: the other cases still run
+            rows.append(result(name, "(case setup)", skipped=error_text(exc)))
+            print_row(rows[-1])
+        free_cache(device)
     add_ratios(rows)
     add_ratio_vs(rows, EAGER_DECODE)
     write_results("dense", rows, env, ceilings, args.out,
                   settings={"device": args.device, "quick": args.quick, "parts": args.parts,
                             "pool_dtype": str(dtype).replace("torch.", ""), "decode_logits_dtype": "float32",
-                            "torch_compile": use_compile,
+                            "torch_compile": use_compile, "budget_s": args.budget_s,
                             "cases": {part: [asdict(c) for c in part_cases] for part, part_cases in cases.items()}},
                   notes={
                       "targets": TARGETS,
@@ -402,7 +421,9 @@ def main(argv=None) -> int:
                       "pool baselines": "eager: F.layer_norm + cat(cls, mean) + F.normalize in the input dtype, "
                                         "backward by autograd on a recorded graph (retain_graph); torch.compile: "
                                         "the same function compiled; torch backend: the package's fp32 reference "
-                                        "op. Ours fwd is ops.patch_pool, bwd the registered patch_pool_bwd op",
+                                        "op. Ours fwd is ops.patch_pool, bwd the registered patch_pool_bwd op. "
+                                        "With --quick on CUDA torch.compile runs on the +LN+L2 case only (each "
+                                        "case costs two compiles)",
                       "decode bytes_moved": "the low-resolution logits read + int64 labels written (a floor: the "
                                             "kernels also gather overlapping taps)",
                       "decode baselines": "eager: F.interpolate to full resolution + softmax + argmax (per window "
@@ -413,6 +434,10 @@ def main(argv=None) -> int:
                       "ratios": "speedup_vs_best_baseline / memory_ratio_vs_best_baseline (add_ratios) and "
                                 "speedup_vs_eager / memory_ratio_vs_eager (the decode targets' baseline)",
                       "segment": "end-to-end dtf.segment images/s is benchmarks/infer.py",
+                      "first_call_s": "wall time of each row's first call, synchronised: mostly JIT compilation "
+                                      "(torch.compile, Triton) and autotuning; never part of a timing",
+                      "budget": "with --budget-s (the GPU suite's time limit), implementations not started in time "
+                                "give skipped rows saying so",
                   })
     return 0
 

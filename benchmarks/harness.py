@@ -15,6 +15,7 @@ Row convention: `impl` names starting with "ours" are dinotxt-fast; every other 
 """
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -134,6 +135,42 @@ def peak_memory_mib(fn: Callable[[], object], device) -> Optional[float]:
     torch.cuda.synchronize(device)
     del out
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def free_cache(device) -> None:
+    """Release cached CUDA blocks between implementations. A CUDA error here means a kernel left the context
+    unusable: it is not raised, so that every later row records the error as its skip reason and the results are
+    still written."""
+    gc.collect()  # optimizer states and autograd graphs held in reference cycles
+    if is_cuda(device):
+        import torch
+
+        try:
+            torch.cuda.empty_cache()
+        except RuntimeError:
+            pass
+
+
+def first_call(fn: Callable[[], object], device):
+    """(fn(), its synchronised wall time in s): a first call's JIT compilation and autotuning, recorded per row as
+    first_call_s so that a run shows where its time went."""
+    start = time.perf_counter()
+    out = fn()
+    synchronize(device)
+    return out, round(time.perf_counter() - start, 3)
+
+
+def add_budget_argument(parser) -> None:
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="time limit in seconds: implementations not started by then give skipped rows (the "
+                             "GPU suite passes its share of the device's time limit; default: none)")
+
+
+def over_budget(deadline: Optional[float], budget_s: Optional[float]) -> Optional[str]:
+    """The skip reason once the --budget-s deadline (a time.monotonic() value) has passed, else None."""
+    if deadline is not None and time.monotonic() > deadline:
+        return f"not run: the time budget (--budget-s {budget_s:g}) was used up"
+    return None
 
 
 def l2_bytes(device) -> int:

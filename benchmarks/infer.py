@@ -35,6 +35,7 @@ import argparse
 import contextlib
 import os
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -46,18 +47,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 from benchmarks.harness import (  # noqa: E402
-    RESULTS_DIR,
-    Rotation,
-    add_ratios,
-    environment,
-    is_ours,
-    measure_ceilings,
-    peak_memory_mib,
-    print_row,
-    result,
-    time_ms,
-    write_results,
-)
+    RESULTS_DIR, add_budget_argument, add_ratios, environment, free_cache, is_ours, measure_ceilings, over_budget,
+    peak_memory_mib, print_row, result, Rotation, time_ms, write_results)
 
 PARTS = ("segment", "zeroshot")
 PRESET = "dinov2_vitl14_reg4_dinotxt"
@@ -116,7 +107,9 @@ def segment_cases(device: str, quick: bool) -> list[SegmentCase]:
 def zeroshot_cases(device: str, quick: bool) -> list[ZeroShotCase]:
     if device == "cpu":  # the interpreter runs one program at a time: 8 prompts, 2 images
         return [ZeroShotCase("tiny zero-shot", 2, None, 10, 1, templates=8)]
-    return [ZeroShotCase("imagenet-like zero-shot 224px", 256, 224, 1000, 16 if quick else 200)]
+    # --quick: a batch that still fills the GPU, and 8 x 80 prompts (build_text_classifier is tokenizer-bound: its
+    # calls take a few hundred ms each, and the harness makes ~15 of them per implementation).
+    return [ZeroShotCase("imagenet-like zero-shot 224px", 128 if quick else 256, 224, 1000, 8 if quick else 200)]
 
 
 # ------------------------------------------------------------------------------------------------ routing
@@ -326,36 +319,41 @@ def error_text(exc: BaseException) -> str:
 
 def measure(case_name: str, pass_: str, impls: list[Impl], device: torch.device, quick: bool, ceilings: dict,
             rows: list[dict], shape: dict, work: dict, make_call: Callable[[Impl], tuple],
-            compare: Callable[[object, object], dict]) -> None:
+            compare: Callable[[object, object], dict], budget: Callable[[], Optional[str]] = lambda: None) -> None:
     """One row per implementation. make_call(impl) -> (timed fn of no arguments, checked fn of no arguments); the
-    checked output of the first implementation that runs is what `compare(out, reference)` measures against."""
+    checked output of the first implementation that runs is what `compare(out, reference)` measures against.
+    `budget()` returns a reason once the time budget is used up."""
     reference = None
     for impl in impls:
-        if impl.skipped:
-            rows.append(result(case_name, impl.name, pass_=pass_, shape=shape, skipped=impl.skipped))
+        skip = impl.skipped or budget()
+        if skip:
+            rows.append(result(case_name, impl.name, pass_=pass_, shape=shape, skipped=skip))
             print_row(rows[-1])
             continue
         try:
             timed, checked = make_call(impl)
             with impl.context(device):
+                start = time.perf_counter()
                 with recording_backends() as used:
                     out = checked()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                first_s = round(time.perf_counter() - start, 3)  # mostly JIT compiles and autotuning
                 timing = time_ms(timed, device, quick)
                 peak = peak_memory_mib(checked, device)
             if reference is None:
                 reference = out
             rows.append(result(case_name, impl.name, timing, pass_=pass_, shape=shape, peak_memory=peak,
-                               ceilings=ceilings, routing=impl.routing, backends_used=used, **work,
-                               **compare(out, reference)))
+                               ceilings=ceilings, routing=impl.routing, backends_used=used, first_call_s=first_s,
+                               **work, **compare(out, reference)))
         except Exception as exc:  # noqa: BLE001 - one failing implementation must not abort the run
             rows.append(result(case_name, impl.name, pass_=pass_, shape=shape, skipped=error_text(exc)))
         print_row(rows[-1])
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        free_cache(device)
 
 
 def run_segment(case: SegmentCase, model, device: torch.device, quick: bool, ceilings: dict,
-                rows: list[dict]) -> None:
+                rows: list[dict], budget: Callable[[], Optional[str]] = lambda: None) -> None:
     import dinotxt_fast as dtf
     from dinotxt_fast.inference.segmentation import short_side_size, sliding_window_boxes
 
@@ -388,11 +386,11 @@ def run_segment(case: SegmentCase, model, device: torch.device, quick: bool, cei
                 "max_abs_diff": max_abs_diff(out[1], ref[1])}
 
     measure(case.name, "slide", implementations(device, "segment"), device, quick, ceilings, rows, shape,
-            {"flops": flops, "items": case.images, "item_name": "images"}, make_call, compare)
+            {"flops": flops, "items": case.images, "item_name": "images"}, make_call, compare, budget)
 
 
 def run_zeroshot(case: ZeroShotCase, model, device: torch.device, quick: bool, ceilings: dict,
-                 rows: list[dict]) -> None:
+                 rows: list[dict], budget: Callable[[], Optional[str]] = lambda: None) -> None:
     from dinotxt_fast.inference.templates import IMAGENET_TEMPLATES, format_prompt
     from dinotxt_fast.inference.zeroshot import ZeroShotClassifier, build_text_classifier
     from dinotxt_fast.models.tokenizer import tokenize
@@ -414,7 +412,7 @@ def run_zeroshot(case: ZeroShotCase, model, device: torch.device, quick: bool, c
             {"flops": flops, "items": case.images, "item_name": "images"},
             lambda impl: (lambda: classify(rot.next()[0]), lambda: classify(check_images)),
             lambda out, ref: {"top1_agreement": float((out.argmax(-1) == ref.argmax(-1)).double().mean()),
-                              "max_abs_diff": max_abs_diff(out, ref)})
+                              "max_abs_diff": max_abs_diff(out, ref)}, budget)
 
     # Prompts: class names are host strings, so there is nothing to rotate; the text tower's weights are re-read
     # from memory by every batch anyway.
@@ -432,7 +430,7 @@ def run_zeroshot(case: ZeroShotCase, model, device: torch.device, quick: bool, c
 
     measure(case.name, "prompts", implementations(device, "zeroshot"), device, quick, ceilings, rows, shape,
             {"flops": flops, "items": len(prompts), "item_name": "prompts"}, lambda impl: (build, build),
-            lambda out, ref: {"max_abs_diff": max_abs_diff(out, ref)})
+            lambda out, ref: {"max_abs_diff": max_abs_diff(out, ref)}, budget)
 
 
 def add_speedup_vs_reference(rows: list[dict]) -> None:
@@ -459,7 +457,10 @@ def parse_args(argv=None):
                         "not depend on them); a tiny version of it on --device cpu")
     parser.add_argument("--list", action="store_true", help="print the cases and exit")
     parser.add_argument("--out", default=str(RESULTS_DIR), help="results directory")
+    add_budget_argument(parser)
     args = parser.parse_args(argv)
+    if args.budget_s is not None and args.budget_s <= 0:
+        parser.error(f"--budget-s must be positive, got {args.budget_s}")
     args.parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = sorted(set(args.parts) - set(PARTS))
     if unknown:
@@ -469,6 +470,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     parser, args = parse_args(argv)
+    # From the start: the suite's hard limit counts the setup (environment, ceilings, the model) too.
+    deadline = None if args.budget_s is None else time.monotonic() + args.budget_s
     cases: dict[str, list] = {
         "segment": segment_cases(args.device, args.quick) if "segment" in args.parts else [],
         "zeroshot": zeroshot_cases(args.device, args.quick) if "zeroshot" in args.parts else []}
@@ -493,16 +496,25 @@ def main(argv=None) -> int:
     ceilings = measure_ceilings(device, args.quick)
     model = build_model(args.preset, overrides, device, dtype)
     rows: list[dict] = []
-    for case in cases["segment"]:
-        run_segment(case, model, device, args.quick, ceilings, rows)
-    for case in cases["zeroshot"]:
-        run_zeroshot(case, model, device, args.quick, ceilings, rows)
+
+    def budget() -> Optional[str]:
+        return over_budget(deadline, args.budget_s)
+
+    for run, part_cases in ((run_segment, cases["segment"]), (run_zeroshot, cases["zeroshot"])):
+        for case in part_cases:
+            try:
+                run(case, model, device, args.quick, ceilings, rows, budget)
+            except Exception as exc:  # noqa: BLE001 - e.g. its inputs do not fit: the other cases still run
+                rows.append(result(case.name, "(case setup)", skipped=error_text(exc)))
+                print_row(rows[-1])
+            free_cache(device)
     del model
     add_ratios(rows)
     add_speedup_vs_reference(rows)
     write_results("infer", rows, env, ceilings, args.out,
                   settings={"device": args.device, "quick": args.quick, "parts": args.parts, "preset": args.preset,
                             "model_overrides": overrides, "dtype": str(dtype).replace("torch.", ""),
+                            "budget_s": args.budget_s,
                             "weights": "random (create_model); speed does not depend on them",
                             "cases": {part: [asdict(c) for c in part_cases] for part, part_cases in cases.items()}},
                   notes={
@@ -537,6 +549,10 @@ def main(argv=None) -> int:
                                 "the prompts part); prompts are synthetic two-word class names",
                       "ratios": "speedup_vs_best_baseline (add_ratios) and speedup_vs_reference (the target's "
                                 "baseline), with the peak memory ratios beside them",
+                      "first_call_s": "wall time of each row's checked call, its first, synchronised: mostly JIT "
+                                      "compilation and autotuning; never part of a timing",
+                      "budget": "with --budget-s (the GPU suite's time limit), implementations not started in time "
+                                "give skipped rows saying so",
                   })
     return 0
 

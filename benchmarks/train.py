@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -37,8 +37,9 @@ from typing import Callable, Optional
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-from benchmarks.harness import (RESULTS_DIR, Rotation, add_ratios, environment, measure_ceilings,  # noqa: E402
-                                peak_memory_mib, print_row, result, time_ms, write_results)
+from benchmarks.harness import (  # noqa: E402
+    RESULTS_DIR, add_budget_argument, add_ratios, environment, free_cache, measure_ceilings, over_budget,
+    peak_memory_mib, print_row, result, Rotation, time_ms, write_results)
 
 PASS = "step"  # forward + backward + optimizer step
 OP_FAMILIES = ("attention", "patch_pool", "contrastive_loss")  # the ops one training step calls
@@ -76,7 +77,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="bf16 autocast or fp32 for every implementation (default: the config's on CUDA, fp32 on "
                              "CPU)")
     parser.add_argument("--out", default=str(RESULTS_DIR), help="results directory")
+    add_budget_argument(parser)
     args = parser.parse_args(argv)
+    if args.budget_s is not None and args.budget_s <= 0:
+        parser.error(f"--budget-s must be positive, got {args.budget_s}")
     if args.device is None:
         import torch
 
@@ -312,7 +316,9 @@ def backend_problem(ops, name: str) -> Optional[str]:
 
 
 # ------------------------------------------------------------------------------------------------------- cases
-def run_case(torch, bench: Bench, case: Case, args, device, quick: bool, ceilings: dict) -> list[dict]:
+def run_case(torch, bench: Bench, case: Case, args, device, quick: bool, ceilings: dict,
+             budget: Callable[[], Optional[str]] = lambda: None) -> list[dict]:
+    """One row per implementation; `budget()` returns a reason once the time budget is used up."""
     from dinotxt_fast import ops
 
     cfg, mcfg = bench.cfg, bench.model.config
@@ -329,12 +335,13 @@ def run_case(torch, bench: Bench, case: Case, args, device, quick: bool, ceiling
                                                ("ours (cuda)", "cuda")]
     rows, reference = [], None
     for impl, backend in impls:
-        if backend not in (None, "auto"):
+        problem = budget()
+        if problem is None and backend not in (None, "auto"):
             problem = backend_problem(ops, backend)
-            if problem is not None:
-                rows.append(result(case.name, impl, skipped=problem, shape=shape, pass_=PASS))
-                print_row(rows[-1])
-                continue
+        if problem is not None:
+            rows.append(result(case.name, impl, skipped=problem, shape=shape, pass_=PASS))
+            print_row(rows[-1])
+            continue
         try:
             row = run_impl(torch, bench, case.name, impl, backend, inputs, device, quick, work, reference)
         except Exception as error:  # noqa: BLE001 - a failing implementation is a result, not a crash
@@ -344,7 +351,7 @@ def run_case(torch, bench: Bench, case: Case, args, device, quick: bool, ceiling
         print_row(row)
         if impl == REFERENCE and "skipped" not in row:
             reference = row
-        release(torch, device)
+        free_cache(device)
     return rows
 
 
@@ -356,10 +363,12 @@ def run_impl(torch, bench: Bench, case: str, impl: str, backend: Optional[str], 
     step = bench.eager() if backend is None else bench.ours(None if backend == "auto" else backend)
     # The check step: first batch, same drop-path draws, initial weights; it also warms up (and autotunes).
     torch.manual_seed(bench.cfg.seed)
+    start = time.perf_counter()
     with record_backends(ops) as used:
-        loss = step(*inputs.sets[0])
+        loss = step(*inputs.sets[0])  # synchronised: the step reads the loss back
+    first_s = round(time.perf_counter() - start, 3)  # mostly JIT compiles and autotuning
     grads = bench.grad_norms()
-    extra = {"loss": loss, "grad_norms": grads}
+    extra = {"loss": loss, "grad_norms": grads, "first_call_s": first_s}
     if backend is not None:
         extra["backends_used"] = used
     if reference is not None:
@@ -379,16 +388,11 @@ def run_impl(torch, bench: Bench, case: str, impl: str, backend: Optional[str], 
     return result(case, impl, timing, peak_memory=peak, resident_mib=resident, **work, **extra)
 
 
-def release(torch, device) -> None:
-    """Free the last implementation's optimizer state and graphs before the next one starts."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 # -------------------------------------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # From the start: the suite's hard limit counts the setup (environment, ceilings, the model) too.
+    deadline = None if args.budget_s is None else time.monotonic() + args.budget_s
     if args.device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the Triton kernels are imported
     import torch
@@ -418,8 +422,14 @@ def main(argv=None) -> int:
     rows = []
     for case in cases:
         print(f"{case.name}:", flush=True)
-        rows += run_case(torch, bench, case, args, device, quick, ceilings)
-        release(torch, device)
+        try:
+            rows += run_case(torch, bench, case, args, device, quick, ceilings,
+                             lambda: over_budget(deadline, args.budget_s))
+        except Exception as error:  # noqa: BLE001 - e.g. its batches do not fit: the other cases still run
+            rows.append(result(case.name, "(case setup)", skipped=f"{type(error).__name__}: {str(error)[:300]}",
+                               pass_=PASS))
+            print_row(rows[-1])
+        free_cache(device)
     add_ratios(rows)
     for r in rows:
         if "speedup_vs_best_baseline" in r:
@@ -433,7 +443,7 @@ def main(argv=None) -> int:
                              f"{' fused' if device.type == 'cuda' else ''}, warm-up {cfg.warmup_steps} + cosine",
                 "trainable_params": sum(p.numel() for p in bench.lit.parameters() if p.requires_grad),
                 "backbone_params": sum(p.numel() for p in bench.model.backbone.parameters()),
-                "model": mcfg.to_dict(), "cases": [c.name for c in cases]}
+                "model": mcfg.to_dict(), "cases": [c.name for c in cases], "budget_s": args.budget_s}
     notes = {
         "timed call": "one full training step on a batch already on the device: forward, backward, AdamW step, "
                       "LR schedule step, logit-scale clamp, and the trainer's one host sync for the finite-loss "
@@ -456,6 +466,10 @@ def main(argv=None) -> int:
                  "difference of the head/text/logit-scale gradient norms",
         "timed_calls": "calls of the step made by time_ms, warm-up included (harness.time_ms guarantees at least 5 "
                        "timed repeats with --quick, 10 without, however long a step takes)",
+        "first_call_s": "wall time of each implementation's check step, its first: mostly JIT compilation and "
+                        "autotuning; never part of a timing",
+        "budget": "with --budget-s (the GPU suite's time limit), implementations not started in time give skipped "
+                  "rows saying so",
         "inputs": "random images and token ids (SOT, random words, EOT, zero padding) with caption lengths drawn "
                   "uniformly in the case's range; input_copies rotate so no step reads the previous one's from L2",
     }
