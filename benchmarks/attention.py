@@ -46,8 +46,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 from benchmarks.harness import (  # noqa: E402
-    RESULTS_DIR, add_budget_argument, add_ratios, environment, free_cache, is_ours, measure_ceilings, over_budget,
-    peak_memory_mib, print_row, result, Rotation, time_ms, write_results)
+    RESULTS_DIR, add_budget_argument, add_ratios, budget_check, environment, error_text, free_cache, is_ours,
+    measure_ceilings, peak_memory_mib, print_row, result, Rotation, time_ms, write_results)
 
 PASSES = ("fwd", "bwd", "fwd+bwd")
 FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
@@ -135,8 +135,6 @@ def parse_args(argv=None):
     unknown = sorted(set(args.passes) - set(PASSES))
     if unknown or not args.passes:
         parser.error(f"unknown or no passes {unknown or args.passes}; choose from {PASSES}")
-    if args.budget_s is not None and args.budget_s <= 0:
-        parser.error(f"--budget-s must be positive, got {args.budget_s}")
     return args
 
 
@@ -279,7 +277,7 @@ def _cuda_path_ran(module) -> Optional[Callable]:
         try:
             return {"cuda_path_ran": forward(q, k, v, causal, q.shape[-1] ** -0.5, lengths, path=requested())[2]}
         except Exception as error:  # noqa: BLE001 - only a label: the timed op itself decides whether the row runs
-            return {"cuda_path_ran": None, "cuda_path_error": _error_text(error)}
+            return {"cuda_path_ran": None, "cuda_path_error": error_text(error)}
     return describe
 
 
@@ -294,14 +292,14 @@ def _optional_libraries(cuda: bool) -> list[Impl]:
         impls.append(Impl("xformers memory_efficient_attention", xformers_attention,
                           unavailable=None if cuda else "CUDA only in this benchmark"))
     except Exception as error:  # noqa: BLE001 - not installed or not built for this GPU
-        impls.append(Impl("xformers memory_efficient_attention", None, unavailable=_error_text(error)))
+        impls.append(Impl("xformers memory_efficient_attention", None, unavailable=error_text(error)))
     for label, module, attr in (("flash-attn 4", "flash_attn.cute.interface", "flash_attn_func"),
                                 ("flash-attn 3", "flash_attn_interface", "flash_attn_func"),
                                 ("flash-attn 2", "flash_attn", "flash_attn_func")):
         try:
             fn = getattr(importlib.import_module(module), attr)
         except Exception as error:  # noqa: BLE001
-            impls.append(Impl(label, None, unavailable=_error_text(error)))
+            impls.append(Impl(label, None, unavailable=error_text(error)))
             continue
 
         def flash(q, k, v, causal, lengths, fn=fn):
@@ -310,11 +308,6 @@ def _optional_libraries(cuda: bool) -> list[Impl]:
 
         impls.append(Impl(label, flash, unavailable=None if cuda else "CUDA only in this benchmark"))
     return impls
-
-
-def _error_text(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
 
 
 # ------------------------------------------------------------------------------------------------------ running
@@ -441,7 +434,7 @@ def run_case(case: Case, impls: list[Impl], passes, device, dtype, quick: bool, 
             try:
                 fields, reference = check(impl, case, rotation.sets[0], reference)
             except Exception as error:  # noqa: BLE001 - an unsupported backend/shape is a result, not a crash
-                reason = _error_text(error)
+                reason = error_text(error)
             free_cache(device)
         if lengths is not None and impl.name.startswith("ours"):
             fields["speedup_kind"] = ("end-to-end-equivalent (pooled text embeddings identical)" if impl.with_lengths
@@ -458,7 +451,7 @@ def run_case(case: Case, impls: list[Impl], passes, device, dtype, quick: bool, 
                            bytes_moved=case.bytes_moved(pass_, itemsize), peak_memory=memory, ceilings=ceilings,
                            **fields))
             except Exception as error:  # noqa: BLE001
-                add(result(case.name, impl.name, pass_=pass_, shape=shape, skipped=_error_text(error)))
+                add(result(case.name, impl.name, pass_=pass_, shape=shape, skipped=error_text(error)))
             step = None
             free_cache(device)
     return rows
@@ -515,7 +508,7 @@ NOTES = {
 def main(argv=None) -> int:
     args = parse_args(argv)
     # From the start: the suite's hard limit counts the setup (environment, ceilings) too.
-    deadline = None if args.budget_s is None else time.monotonic() + args.budget_s
+    budget = budget_check(args.budget_s)
     cases = select_cases(args)
     if args.list:
         for case in cases:
@@ -545,9 +538,9 @@ def main(argv=None) -> int:
               flush=True)
         try:
             rows += run_case(case, impls, args.passes, device, dtype, quick, ceilings,
-                             lambda: over_budget(deadline, args.budget_s))
+                             budget)
         except Exception as error:  # noqa: BLE001 - e.g. its inputs do not fit: the other cases still run
-            rows.append(result(case.name, "(case setup)", skipped=_error_text(error)))
+            rows.append(result(case.name, "(case setup)", skipped=error_text(error)))
             print_row(rows[-1])
             free_cache(device)
     add_ratios(rows)

@@ -37,8 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 from benchmarks.harness import (  # noqa: E402
-    RESULTS_DIR, add_budget_argument, add_ratios, environment, free_cache, is_ours, measure_ceilings, over_budget,
-    peak_memory_mib, print_row, result, Rotation, time_ms, write_results)
+    RESULTS_DIR, add_budget_argument, add_ratios, budget_check, environment, error_text, free_cache, is_ours,
+    measure_ceilings, peak_memory_mib, print_row, result, Rotation, time_ms, write_results)
 
 FULL_CASES = ["4096x4096", "4096x32768", "65536x65536"]
 QUICK_CASES = ["4096x4096", "4096x32768"]
@@ -115,8 +115,6 @@ def parse_args(argv=None):
     p.add_argument("--out", default=str(RESULTS_DIR), help="results directory")
     add_budget_argument(p)
     args = p.parse_args(argv)
-    if args.budget_s is not None and args.budget_s <= 0:
-        p.error(f"--budget-s must be positive, got {args.budget_s}")
     cpu = args.device == "cpu"
     try:
         args.cases = [parse_case(c) for c in (args.cases or (CPU_CASES if cpu else QUICK_CASES if args.quick
@@ -344,9 +342,7 @@ def run_case(torch, methods, names, ops, b_local, b_global, dim, dtype, device, 
             rows.append(result(case, label, timing, pass_="fwd+bwd", shape=shape, flops=flops, peak_memory=peak,
                                ceilings=ceilings, **fields))
         except Exception as error:  # noqa: BLE001 - out of memory or a failing library: a result, not a crash
-            lines = str(error).strip().splitlines()
-            rows.append(result(case, label, pass_="fwd+bwd", shape=shape, method=name,
-                               skipped=f"{type(error).__name__}: {lines[0][:300] if lines else ''}"))
+            rows.append(result(case, label, pass_="fwd+bwd", shape=shape, method=name, skipped=error_text(error)))
         free_cache(device)
         print_row(rows[-1])
     return rows
@@ -364,7 +360,7 @@ def add_each_baseline(rows: list[dict]) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     # From the start: the suite's hard limit counts the setup (environment, ceilings) too.
-    deadline = None if args.budget_s is None else time.monotonic() + args.budget_s
+    budget = budget_check(args.budget_s)
     if args.device == "cpu":
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: the Triton kernels run interpreted
     import torch
@@ -387,10 +383,10 @@ def main(argv=None) -> int:
         print(f"{b_local}x{b_global}: E={args.dim} {args.dtype}", flush=True)
         try:
             rows += run_case(torch, methods, args.methods, ops, b_local, b_global, args.dim, dtype, device, quick,
-                             ceilings, lambda: over_budget(deadline, args.budget_s))
+                             ceilings, budget)
         except Exception as error:  # noqa: BLE001 - e.g. its inputs do not fit: the other cases still run
             rows.append(result(f"{b_local}x{b_global}", "(case setup)", pass_="fwd+bwd",
-                               skipped=f"{type(error).__name__}: {str(error)[:300]}"))
+                               skipped=error_text(error)))
             print_row(rows[-1])
             free_cache(device)
     add_ratios(rows)

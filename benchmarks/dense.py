@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -35,8 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 from benchmarks.harness import (  # noqa: E402
-    RESULTS_DIR, add_budget_argument, add_ratios, environment, first_call, free_cache, is_ours, measure_ceilings,
-    over_budget, peak_memory_mib, print_row, result, Rotation, time_ms, write_results)
+    RESULTS_DIR, add_budget_argument, add_ratios, budget_check, environment, error_text, first_call, free_cache,
+    is_ours, measure_ceilings, peak_memory_mib, print_row, result, Rotation, time_ms, write_results)
 
 EPS = 1e-5
 PARTS = ("pool", "decode")
@@ -123,10 +122,6 @@ def compile_problem(case: PoolCase, device: torch.device, quick: bool, no_compil
 
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
-
-
-def error_text(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"[:400]
 
 
 def add_ratio_vs(rows: list[dict], baseline: str) -> None:
@@ -356,8 +351,6 @@ def parse_args(argv=None):
     parser.add_argument("--out", default=str(RESULTS_DIR), help="results directory")
     add_budget_argument(parser)
     args = parser.parse_args(argv)
-    if args.budget_s is not None and args.budget_s <= 0:
-        parser.error(f"--budget-s must be positive, got {args.budget_s}")
     args.parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = sorted(set(args.parts) - set(PARTS))
     if unknown:
@@ -368,7 +361,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     parser, args = parse_args(argv)
     # From the start: the suite's hard limit counts the setup (environment, ceilings) too.
-    deadline = None if args.budget_s is None else time.monotonic() + args.budget_s
+    budget = budget_check(args.budget_s)
     cases: dict[str, list] = {"pool": pool_cases(args.device, args.quick) if "pool" in args.parts else [],
                               "decode": decode_cases(args.device, args.quick) if "decode" in args.parts else []}
     if args.list:
@@ -388,9 +381,6 @@ def main(argv=None) -> int:
     use_compile = device.type == "cuda" and not args.no_compile
     torch.manual_seed(0)
     rows: list[dict] = []
-
-    def budget() -> Optional[str]:
-        return over_budget(deadline, args.budget_s)
 
     run: list[tuple[str, Callable[[], None]]] = []
     for case in cases["pool"]:

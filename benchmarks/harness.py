@@ -15,6 +15,7 @@ Row convention: `impl` names starting with "ours" are dinotxt-fast; every other 
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import math
@@ -24,7 +25,7 @@ import statistics
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "benchmarks" / "results"
@@ -151,6 +152,12 @@ def free_cache(device) -> None:
             pass
 
 
+def error_text(error: BaseException) -> str:
+    """A skipped row's reason: the exception's type and the first line of its message."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
+
+
 def first_call(fn: Callable[[], object], device):
     """(fn(), its synchronised wall time in s): a first call's JIT compilation and autotuning, recorded per row as
     first_call_s so that a run shows where its time went."""
@@ -160,17 +167,31 @@ def first_call(fn: Callable[[], object], device):
     return out, round(time.perf_counter() - start, 3)
 
 
+def _positive_seconds(text: str) -> float:
+    import argparse
+
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
 def add_budget_argument(parser) -> None:
-    parser.add_argument("--budget-s", type=float, default=None,
+    parser.add_argument("--budget-s", type=_positive_seconds, default=None,
                         help="time limit in seconds: implementations not started by then give skipped rows (the "
                              "GPU suite passes its share of the device's time limit; default: none)")
 
 
-def over_budget(deadline: Optional[float], budget_s: Optional[float]) -> Optional[str]:
-    """The skip reason once the --budget-s deadline (a time.monotonic() value) has passed, else None."""
-    if deadline is not None and time.monotonic() > deadline:
-        return f"not run: the time budget (--budget-s {budget_s:g}) was used up"
-    return None
+def budget_check(budget_s: Optional[float]) -> Callable[[], Optional[str]]:
+    """A function giving the skip reason once `budget_s` seconds (None: no limit) have passed since this call."""
+    deadline = None if budget_s is None else time.monotonic() + budget_s
+
+    def check() -> Optional[str]:
+        if deadline is not None and time.monotonic() > deadline:
+            return f"not run: the time budget (--budget-s {budget_s:g}) was used up"
+        return None
+
+    return check
 
 
 def l2_bytes(device) -> int:
@@ -239,21 +260,61 @@ def _measure_ceilings(torch, device, quick: bool) -> dict:
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     n = 8192 if cuda else 512
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    mm_ms, _, _ = time_ms(lambda: torch.mm(a, b), device, quick)
-    del a, b
-    numel = (1 << 28 if cuda else 1 << 24)  # 512 MiB of bf16 on a GPU (>> L2), 64 MiB of fp32 on a CPU
-    src = torch.empty(numel, device=device, dtype=torch.float16 if cuda else torch.float32).uniform_()
-    dst = torch.empty_like(src)
-    copy_ms, _, _ = time_ms(lambda: dst.copy_(src), device, quick)
-    moved = 2 * src.numel() * src.element_size()
-    del src, dst
+    mm_ms = _matmul_ms(torch, n, dtype, device, quick)
+    numel = (1 << 28 if cuda else 1 << 24)  # 512 MiB of fp16 on a GPU (>> L2), 64 MiB of fp32 on a CPU
+    copy_ms, moved = _copy_ms(torch, numel, torch.float16 if cuda else torch.float32, device, quick)
     if cuda:
         torch.cuda.empty_cache()
     return {"matmul_tflops": 2 * n**3 / (mm_ms * 1e-3) / 1e12, "matmul_dtype": str(dtype).replace("torch.", ""),
             "matmul_shape": [n, n, n], "copy_gbps": moved / (copy_ms * 1e-3) / 1e9,
             "copy_bytes": moved, "note": "copy counts bytes read + written"}
+
+
+def _matmul_ms(torch, n: int, dtype, device, quick: bool) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    return time_ms(lambda: torch.mm(a, b), device, quick)[0]
+
+
+def _copy_ms(torch, numel: int, dtype, device, quick: bool) -> tuple[float, int]:
+    """(median ms of one device-to-device copy, bytes it reads + writes)."""
+    src = torch.empty(numel, device=device, dtype=dtype).uniform_()
+    dst = torch.empty_like(src)
+    return time_ms(lambda: dst.copy_(src), device, quick)[0], 2 * src.numel() * src.element_size()
+
+
+# ------------------------------------------------------------------------------------------- dispatch helpers
+def sdpa_attention(q, k, v, *, causal=False, scale=None, lengths=None, backend=None):
+    """dinotxt_fast.ops.attention's signature on torch's SDPA: the eager baselines' attention. `lengths` (key
+    padding after each text's EOT) is ignored: the causal, EOT-pooled text tower never reads those keys, so the
+    embeddings are the same (images never pass lengths)."""
+    import torch.nn.functional as F
+
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal,
+                                         scale=scale)
+    return out.transpose(1, 2)
+
+
+@contextlib.contextmanager
+def recording_backends() -> Iterator[dict]:
+    """Yields {op family: [backends it resolved to]} filled by the op calls made inside: the evidence of what a run
+    really ran, fallbacks included (the ops look `resolve` up in dinotxt_fast.ops at call time)."""
+    from dinotxt_fast import ops
+
+    used: dict[str, list[str]] = {}
+    original = ops.resolve
+
+    def recording(family, backend, tensor, **info):
+        name = original(family, backend, tensor, **info)
+        if name not in used.setdefault(family, []):
+            used[family].append(name)
+        return name
+
+    ops.resolve = recording
+    try:
+        yield used
+    finally:
+        ops.resolve = original
 
 
 # ------------------------------------------------------------------------------------------------------ results

@@ -47,8 +47,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 from benchmarks.harness import (  # noqa: E402
-    RESULTS_DIR, add_budget_argument, add_ratios, environment, free_cache, is_ours, measure_ceilings, over_budget,
-    peak_memory_mib, print_row, result, Rotation, time_ms, write_results)
+    RESULTS_DIR, add_budget_argument, add_ratios, budget_check, environment, error_text, free_cache, is_ours,
+    measure_ceilings, peak_memory_mib, print_row, recording_backends, result, Rotation, sdpa_attention, time_ms,
+    write_results)
 
 PARTS = ("segment", "zeroshot")
 PRESET = "dinov2_vitl14_reg4_dinotxt"
@@ -113,14 +114,6 @@ def zeroshot_cases(device: str, quick: bool) -> list[ZeroShotCase]:
 
 
 # ------------------------------------------------------------------------------------------------ routing
-def sdpa_attention(q, k, v, *, causal=False, scale=None, lengths=None, backend=None):
-    # `lengths` masks keys after each text's EOT, which the causal, EOT-pooled text tower never reads: ignoring it
-    # gives the same embeddings (images never pass lengths).
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal,
-                                         scale=scale)
-    return out.transpose(1, 2)
-
-
 @contextlib.contextmanager
 def routed(order: tuple[str, ...], device: torch.device, sdpa: bool = False) -> Iterator[None]:
     """Every op the model calls with backend=None runs on the first backend of `order` that can run it.
@@ -154,28 +147,6 @@ def routed(order: tuple[str, ...], device: torch.device, sdpa: bool = False) -> 
             os.environ.pop(dispatch.ENV_VAR, None)
         else:
             os.environ[dispatch.ENV_VAR] = saved_env
-
-
-@contextlib.contextmanager
-def recording_backends() -> Iterator[dict]:
-    """Yields {op family: [backends it resolved to]} filled by the op calls made inside: the evidence of what a
-    routed run really ran, fallbacks included (ops look `resolve` up in dinotxt_fast.ops at call time)."""
-    from dinotxt_fast import ops
-
-    used: dict[str, list[str]] = {}
-    original = ops.resolve
-
-    def recording(family, backend, tensor, **info):
-        name = original(family, backend, tensor, **info)
-        if name not in used.setdefault(family, []):
-            used[family].append(name)
-        return name
-
-    ops.resolve = recording
-    try:
-        yield used
-    finally:
-        ops.resolve = original
 
 
 def kernel_problem(name: str, device: torch.device) -> Optional[str]:
@@ -311,10 +282,6 @@ def reference_segment(model, images: torch.Tensor, classes: torch.Tensor, case: 
 # ------------------------------------------------------------------------------------------------ measuring
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
-
-
-def error_text(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"[:400]
 
 
 def measure(case_name: str, pass_: str, impls: list[Impl], device: torch.device, quick: bool, ceilings: dict,
@@ -459,8 +426,6 @@ def parse_args(argv=None):
     parser.add_argument("--out", default=str(RESULTS_DIR), help="results directory")
     add_budget_argument(parser)
     args = parser.parse_args(argv)
-    if args.budget_s is not None and args.budget_s <= 0:
-        parser.error(f"--budget-s must be positive, got {args.budget_s}")
     args.parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = sorted(set(args.parts) - set(PARTS))
     if unknown:
@@ -471,7 +436,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     parser, args = parse_args(argv)
     # From the start: the suite's hard limit counts the setup (environment, ceilings, the model) too.
-    deadline = None if args.budget_s is None else time.monotonic() + args.budget_s
+    budget = budget_check(args.budget_s)
     cases: dict[str, list] = {
         "segment": segment_cases(args.device, args.quick) if "segment" in args.parts else [],
         "zeroshot": zeroshot_cases(args.device, args.quick) if "zeroshot" in args.parts else []}
@@ -496,9 +461,6 @@ def main(argv=None) -> int:
     ceilings = measure_ceilings(device, args.quick)
     model = build_model(args.preset, overrides, device, dtype)
     rows: list[dict] = []
-
-    def budget() -> Optional[str]:
-        return over_budget(deadline, args.budget_s)
 
     for run, part_cases in ((run_segment, cases["segment"]), (run_zeroshot, cases["zeroshot"])):
         for case in part_cases:

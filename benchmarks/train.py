@@ -37,9 +37,10 @@ from typing import Callable, Optional
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+from benchmarks.harness import sdpa_attention as harness_sdpa_attention  # noqa: E402
 from benchmarks.harness import (  # noqa: E402
-    RESULTS_DIR, add_budget_argument, add_ratios, environment, free_cache, measure_ceilings, over_budget,
-    peak_memory_mib, print_row, result, Rotation, time_ms, write_results)
+    RESULTS_DIR, add_budget_argument, add_ratios, budget_check, environment, error_text, free_cache, measure_ceilings,
+    peak_memory_mib, print_row, recording_backends, result, Rotation, time_ms, write_results)
 
 PASS = "step"  # forward + backward + optimizer step
 OP_FAMILIES = ("attention", "patch_pool", "contrastive_loss")  # the ops one training step calls
@@ -79,8 +80,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", default=str(RESULTS_DIR), help="results directory")
     add_budget_argument(parser)
     args = parser.parse_args(argv)
-    if args.budget_s is not None and args.budget_s <= 0:
-        parser.error(f"--budget-s must be positive, got {args.budget_s}")
     if args.device is None:
         import torch
 
@@ -266,40 +265,13 @@ def forced_backend(ops, backend: Optional[str]):
 
 @contextlib.contextmanager
 def sdpa_attention(torch, ops):
-    """Every attention call of the model goes through SDPA instead of the ops dispatch. `lengths` (key padding after
-    each text's EOT) is dropped: it changes nothing for the causal, EOT-pooled text tower."""
-    F = torch.nn.functional
-
-    def sdpa(q, k, v, *, causal=False, scale=None, lengths=None, backend=None):
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             is_causal=causal, scale=scale)
-        return out.transpose(1, 2)
-
+    """Every attention call of the model goes through SDPA (harness.sdpa_attention) instead of the ops dispatch."""
     saved = ops.attention
-    ops.attention = sdpa
+    ops.attention = harness_sdpa_attention
     try:
         yield
     finally:
         ops.attention = saved
-
-
-@contextlib.contextmanager
-def record_backends(ops):
-    """{op family: backends the dispatch resolved} for the calls made inside."""
-    seen: dict[str, list[str]] = {}
-    saved = ops.resolve
-
-    def resolve(family, backend, tensor, **info):
-        name = saved(family, backend, tensor, **info)
-        if name not in seen.setdefault(family, []):
-            seen[family].append(name)
-        return name
-
-    ops.resolve = resolve
-    try:
-        yield seen
-    finally:
-        ops.resolve = saved
 
 
 def backend_problem(ops, name: str) -> Optional[str]:
@@ -345,7 +317,7 @@ def run_case(torch, bench: Bench, case: Case, args, device, quick: bool, ceiling
         try:
             row = run_impl(torch, bench, case.name, impl, backend, inputs, device, quick, work, reference)
         except Exception as error:  # noqa: BLE001 - a failing implementation is a result, not a crash
-            row = result(case.name, impl, skipped=f"{type(error).__name__}: {str(error)[:300]}", shape=shape,
+            row = result(case.name, impl, skipped=error_text(error), shape=shape,
                          pass_=PASS)
         rows.append(row)
         print_row(row)
@@ -358,13 +330,11 @@ def run_case(torch, bench: Bench, case: Case, args, device, quick: bool, ceiling
 def run_impl(torch, bench: Bench, case: str, impl: str, backend: Optional[str], inputs: Rotation, device,
              quick: bool, work: dict, reference: Optional[dict]) -> dict:
     """The check step, then the timed steps and the peak memory of one implementation: one result row."""
-    from dinotxt_fast import ops
-
     step = bench.eager() if backend is None else bench.ours(None if backend == "auto" else backend)
     # The check step: first batch, same drop-path draws, initial weights; it also warms up (and autotunes).
     torch.manual_seed(bench.cfg.seed)
     start = time.perf_counter()
-    with record_backends(ops) as used:
+    with recording_backends() as used:
         loss = step(*inputs.sets[0])  # synchronised: the step reads the loss back
     first_s = round(time.perf_counter() - start, 3)  # mostly JIT compiles and autotuning
     grads = bench.grad_norms()
@@ -392,7 +362,7 @@ def run_impl(torch, bench: Bench, case: str, impl: str, backend: Optional[str], 
 def main(argv=None) -> int:
     args = parse_args(argv)
     # From the start: the suite's hard limit counts the setup (environment, ceilings, the model) too.
-    deadline = None if args.budget_s is None else time.monotonic() + args.budget_s
+    budget = budget_check(args.budget_s)
     if args.device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the Triton kernels are imported
     import torch
@@ -424,9 +394,9 @@ def main(argv=None) -> int:
         print(f"{case.name}:", flush=True)
         try:
             rows += run_case(torch, bench, case, args, device, quick, ceilings,
-                             lambda: over_budget(deadline, args.budget_s))
+                             budget)
         except Exception as error:  # noqa: BLE001 - e.g. its batches do not fit: the other cases still run
-            rows.append(result(case.name, "(case setup)", skipped=f"{type(error).__name__}: {str(error)[:300]}",
+            rows.append(result(case.name, "(case setup)", skipped=error_text(error),
                                pass_=PASS))
             print_row(rows[-1])
         free_cache(device)
