@@ -28,6 +28,7 @@
 // + i%2. The A fragment of a 64x16 k-step has the same layout as a 64x16 accumulator, so the P fragment of keys
 // [16k, 16k+16) is {pack(d[8k], d[8k+1]), pack(d[8k+2], d[8k+3]), pack(d[8k+4], d[8k+5]), pack(d[8k+6], d[8k+7])}.
 #include "attention/attention.h"
+#include "attention/fragment.cuh"
 
 #include <cuda.h>          // CUtensorMap and the cuTensorMapEncodeTiled enums (types only: libcuda is not linked)
 #include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
@@ -296,24 +297,6 @@ __device__ __forceinline__ void gemm_pv(float (&o)[kDh / 2], const std::uint32_t
 
 // ---- softmax ----------------------------------------------------------------------------------------------------
 
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
-template <bool kBf16>
-__device__ __forceinline__ std::uint32_t pack2(float lo, float hi) {
-  // The lower column goes to the low 16 bits (element order of an .f16x2/.bf16x2 fragment register).
-  if constexpr (kBf16) {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<const std::uint32_t*>(&v);
-  } else {
-    const __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<const std::uint32_t*>(&v);
-  }
-}
-
 // Folds one S tile into the running row maxima m (log2 units) and turns it into P = exp2(scale_log2 * S - m) in
 // place. The thread holds rows row0 and row0 + 8 (accumulator elements with (i/2)%2 = 0 and 1); the 4 threads of a
 // quad share those rows, so maxima are combined with two xor-shuffles. Returns the per-row rescale exp2(m_old -
@@ -375,7 +358,7 @@ __device__ __forceinline__ void convert_p(const float (&s)[64], std::uint32_t (&
 #pragma unroll
   for (int k = 0; k < kBN / 16; ++k) {
 #pragma unroll
-    for (int j = 0; j < 4; ++j) p[k][j] = pack2<kBf16>(s[8 * k + 2 * j], s[8 * k + 2 * j + 1]);
+    for (int j = 0; j < 4; ++j) p[k][j] = pack2<Element<kBf16>>(s[8 * k + 2 * j], s[8 * k + 2 * j + 1]);
   }
 }
 
@@ -578,7 +561,7 @@ __device__ __forceinline__ void consume(std::uint8_t* smem, std::uint32_t sbase,
     const int chunk = ((col % kBlockCols) / 8) ^ (r % 8);
     const int offset = (col / kBlockCols) * kBM * kRowBytes + r * kRowBytes + chunk * 16 + (col % 8) * 2;
     const float scale = inv[(i / 2) % 2];
-    *reinterpret_cast<std::uint32_t*>(stage_o + offset) = pack2<kBf16>(o[i] * scale, o[i + 1] * scale);
+    *reinterpret_cast<std::uint32_t*>(stage_o + offset) = pack2<Element<kBf16>>(o[i] * scale, o[i + 1] * scale);
   }
   named_barrier_sync(1 + cw, 128);
   constexpr int kChunksPerRow = kDh / 8;  // 16-byte chunks
