@@ -8,7 +8,7 @@ backends implement too.
 from __future__ import annotations
 
 import math
-from typing import Protocol
+from typing import Optional, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -444,6 +444,17 @@ TORCH_TILES = TorchTiles()
 TILED_FP16_REASON = ("fp16 is not taken: the backward stores dS pre-scaled by the batch's largest inverse norms, "
                      "and one near-zero feature row would underflow every other row's dS in fp16's range; use bf16 "
                      "or fp32")
+
+
+def tiled_dtype_problem(kernels: str, dtype: torch.dtype) -> Optional[str]:
+    """Why the `kernels` ("Triton", "CUDA") contrastive tiles cannot take `dtype` (they take bf16 and fp32), or None:
+    the dispatch's supports check of both kernel backends."""
+    if dtype == torch.float16:
+        return f"the {kernels} contrastive kernels: {TILED_FP16_REASON}"
+    if dtype not in (torch.bfloat16, torch.float32):
+        return (f"the {kernels} contrastive kernels take float32 or bfloat16, got {dtype} "
+                "(use backend='torch' for float64)")
+    return None
 
 
 def tiled_kernels(tiles: ContrastiveTiles) -> dict:

@@ -143,19 +143,10 @@ class CudaTiles(reference.ContrastiveTiles):
 
 TILES = CudaTiles()
 KERNELS = reference.tiled_kernels(TILES)
-contrastive_forward = KERNELS["contrastive_forward"]
-contrastive_backward = KERNELS["contrastive_backward"]
-contrastive_partial_forward = KERNELS["contrastive_partial_forward"]
-contrastive_partial_backward = KERNELS["contrastive_partial_backward"]
 
 
 def supports(tensor: torch.Tensor, info: dict):
-    if tensor.dtype == torch.float16:
-        return f"the CUDA contrastive kernels: {reference.TILED_FP16_REASON}"
-    if tensor.dtype not in _DTYPE_NAMES:
-        return (f"the CUDA contrastive kernels take float32 or bfloat16, got {tensor.dtype} "
-                "(use backend='torch' for float64)")
-    return None
+    return reference.tiled_dtype_problem("CUDA", tensor.dtype)
 
 
 _C = _ext.extension()

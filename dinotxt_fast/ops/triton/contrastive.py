@@ -32,7 +32,6 @@ from .. import reference
 from ..dispatch import add_kernels
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _NORM_EPS = tl.constexpr(1e-12)  # F.normalize's clamp of the norm, as in reference.py
 
 # Row and column chunks are multiples of this (so of every BLOCK_M / BLOCK_N below).
@@ -366,19 +365,12 @@ TILES = TritonTiles()
 
 # ------------------------------------------------------------------------------------------- op kernels (contract)
 KERNELS = reference.tiled_kernels(TILES)
-contrastive_forward = KERNELS["contrastive_forward"]
-contrastive_backward = KERNELS["contrastive_backward"]
 contrastive_partial_forward = KERNELS["contrastive_partial_forward"]
 contrastive_partial_backward = KERNELS["contrastive_partial_backward"]
 
 
 def _supports(tensor: torch.Tensor, info: dict):
-    if tensor.dtype == torch.float16:
-        return f"the Triton contrastive kernels: {reference.TILED_FP16_REASON}"
-    if tensor.dtype not in _SUPPORTED_DTYPES:
-        return (f"the Triton contrastive kernels take {[str(d) for d in _SUPPORTED_DTYPES]}, got {tensor.dtype} "
-                "(use backend='torch' for float64)")
-    return None
+    return reference.tiled_dtype_problem("Triton", tensor.dtype)
 
 
 add_kernels("triton", "contrastive_loss", KERNELS, supports=_supports)
