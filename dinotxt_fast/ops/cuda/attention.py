@@ -102,8 +102,11 @@ def forward(q, k, v, causal: bool, scale: float, lengths: Optional[torch.Tensor]
     n_k = k.shape[1]
     o = _empty(b, n_q, h, d, dtype=q.dtype, device=q.device)
     lse = _empty(b, h, n_q, dtype=torch.float32, device=q.device)
-    # Clamped in the stored dtype first: int64 lengths may not fit int32 (values past Nk mask nothing).
-    lens = lengths.clamp(0, n_k).to(torch.int32).contiguous() if lengths is not None else None
+    # The kernels read int32 and clamp to [0, Nk] themselves; int64 lengths are clamped before narrowing (they may
+    # not fit int32; values past Nk mask nothing).
+    lens = lengths
+    if lengths is not None:
+        lens = (lengths if lengths.dtype == torch.int32 else lengths.clamp(0, n_k).to(torch.int32)).contiguous()
     # The launcher queries and launches on the current device: make it the tensors' one (callers other than the
     # torch.library op, e.g. tests and benchmarks, may hold tensors on another GPU).
     with torch.cuda.device(q.device):
