@@ -11,11 +11,11 @@ from .models.config import PRESETS, DinoTxtConfig
 from .models.dinotxt import DinoTxt, create_model
 from .models.tokenizer import tokenize
 from .nn import patch_model
-from .ops import backends
+from .ops import backends, use_backend
 from .version import __version__
 
 __all__ = [
-    "__version__", "ops", "backends", "create_model", "DinoTxt", "DinoTxtConfig", "PRESETS", "tokenize",
+    "__version__", "ops", "backends", "use_backend", "create_model", "DinoTxt", "DinoTxtConfig", "PRESETS", "tokenize",
     "ZeroShotClassifier", "IMAGENET_TEMPLATES", "segment",
     "patch_model",
 ]

@@ -253,10 +253,6 @@ def load_model(args):
 
     required = check_weight_args(args)
     device = _device(args)
-    if args.backend not in (None, "auto"):
-        from .ops import ENV_VAR
-
-        os.environ[ENV_VAR] = args.backend  # read by every op at call time
     try:
         model = create_model(args.preset, **dict(args.override))
     except TypeError as exc:  # an unknown DinoTxtConfig field in --override
@@ -705,8 +701,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if getattr(args, "handler", None) is None:
         parser.print_help()
         return 2
+    from .ops import use_backend
+
     try:
-        return int(args.handler(args) or 0)
+        with use_backend(getattr(args, "backend", None)):  # every op the command runs (model, decoding)
+            return int(args.handler(args) or 0)
     except CLIError as exc:
         print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
         return 2

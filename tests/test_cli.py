@@ -211,18 +211,26 @@ def test_register_command_adds_a_subcommand(capsys):
 
 
 def test_backend_flag_routes_the_ops(capsys, files, monkeypatch):
-    """--backend triton runs classify on the Triton kernels (CPU interpreter here): same top classes."""
+    """--backend triton runs classify on the Triton kernels (CPU interpreter here): same top classes; the choice is
+    scoped to the command (use_backend), not written into the process environment."""
     from dinotxt_fast import ops
+    from dinotxt_fast.ops import dispatch
 
-    monkeypatch.setenv(ops.ENV_VAR, "torch")  # the CLI sets it for its process; restored after the test
+    monkeypatch.setenv(ops.ENV_VAR, "torch")
+    ran = []
+    get_kernel = dispatch.get_kernel
+    monkeypatch.setattr(dispatch, "get_kernel", lambda backend, kernel: ran.append(backend) or get_kernel(backend, kernel))
     root, names = files["root"], ["dog", "cat", "traffic light"]
     args = ("classify", root / "a.png", "--classes", ",".join(names), "--templates", "none", "--json",
             *files["weights"])
     code, out, err = run(capsys, *args, "--backend", "torch")
     assert code == 0, err
+    assert set(ran) == {"torch"}
+    ran.clear()
     code, out_triton, err = run(capsys, *args, "--backend", "triton")
     assert code == 0, err
-    assert os.environ[ops.ENV_VAR] == "triton"
+    assert ran and set(ran) == {"triton"}
+    assert os.environ[ops.ENV_VAR] == "torch"
     want, got = json.loads(out)[0]["top"], json.loads(out_triton)[0]["top"]
     assert [t["class"] for t in got] == [t["class"] for t in want]
     np.testing.assert_allclose([t["probability"] for t in got], [t["probability"] for t in want], atol=1e-4)

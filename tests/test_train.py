@@ -567,16 +567,16 @@ def test_cli_overrides_may_follow_options(tmp_path):
 def test_backend_option_runs_the_step_on_the_triton_kernels(tmp_path, monkeypatch):
     """backend=triton routes every op of the run (attention, pooling, loss) to the Triton kernels (here under the
     CPU interpreter): same losses as the reference backend."""
-    monkeypatch.setenv(ops.ENV_VAR, "torch")  # train() sets the variable for its process; restored after the test
+    monkeypatch.setenv(ops.ENV_VAR, "cuda")  # the run's own backend= key takes precedence over the variable
     tiny = ["steps=2", "batch_size=4", "model.vision_depth=1", "model.text_layers=1", "data=synthetic:16",
             "eval_data=null", "drop_path=0"]
     calls = []
     real = ops.dispatch.get_kernel
-    monkeypatch.setattr(ops.library, "get_kernel", lambda backend, kernel: calls.append(backend) or real(backend,
+    monkeypatch.setattr(ops.dispatch, "get_kernel", lambda backend, kernel: calls.append(backend) or real(backend,
                                                                                                         kernel))
     _run(tmp_path / "torch", *tiny, "backend=torch")
     _run(tmp_path / "triton", *tiny, "backend=triton")
-    assert "triton" in calls and "torch" in calls
+    assert "triton" in calls and "torch" in calls and "cuda" not in calls
     a, b = _train_records(tmp_path / "torch"), _train_records(tmp_path / "triton")
     assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-5)
     with pytest.raises(ConfigError, match="backend"):

@@ -8,12 +8,13 @@ Our modules use the official parameter names, so only three things need mapping:
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
+
+from .._files import atomic_write
 
 StateDict = dict[str, torch.Tensor]
 Source = Union[str, os.PathLike, Mapping]
@@ -111,25 +112,15 @@ def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: Union[str, os.
 
     `.safetensors` paths are written with safetensors, anything else with torch.save.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if path.suffix == ".safetensors":
-                from safetensors.torch import save
-                # safetensors refuses views and shared storage: give it plain contiguous copies.
-                f.write(save({k: v.detach().contiguous().clone() for k, v in state_dict.items()}))
-            else:
-                torch.save(dict(state_dict), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    def write(f) -> None:
+        if Path(path).suffix == ".safetensors":
+            from safetensors.torch import save
+            # safetensors refuses views and shared storage: give it plain contiguous copies.
+            f.write(save({k: v.detach().contiguous().clone() for k, v in state_dict.items()}))
+        else:
+            torch.save(dict(state_dict), f)
+
+    return atomic_write(path, write)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -12,11 +12,11 @@ import torch
 from torch import Tensor
 
 from . import dispatch, library, reference
-from .dispatch import ENV_VAR, Backend, add_kernels, backends, register_backend, resolve
+from .dispatch import ENV_VAR, Backend, add_kernels, backends, register_backend, resolve, use_backend
 
 __all__ = [
     "attention", "patch_pool", "contrastive_loss", "patch_text_logits", "upsample_argmax", "slide_decode",
-    "backends", "register_backend", "add_kernels", "Backend", "ENV_VAR",
+    "backends", "use_backend", "register_backend", "add_kernels", "Backend", "ENV_VAR",
 ]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

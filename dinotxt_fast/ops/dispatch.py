@@ -4,14 +4,16 @@ A backend is a named set of kernels, one per entry of KERNELS, plus an availabil
 per-family support checks (dtype, head dim, shape). Kernel modules plug in with `add_kernels`. The registered custom ops (library.py) look their kernel up here
 by the backend name they were called with, so the choice is made once, in Python, before the op is traced.
 
-Selection (`resolve`): an explicit `backend=` argument wins, then the DINOTXT_FAST_BACKEND environment variable,
-then "auto": CPU tensors always get "torch"; CUDA tensors get the backend that measured fastest for this GPU model and
+Selection (`resolve`): an explicit `backend=` argument wins, then the innermost `use_backend(...)` block, then the
+DINOTXT_FAST_BACKEND environment variable, then "auto": CPU tensors always get "torch"; CUDA tensors get the backend that measured fastest for this GPU model and
 the nearest benchmarked shape (measured_dispatch.json, generated from GPU benchmark results by
 `python -m benchmarks.report --update-dispatch`), else the first backend in AUTO_ORDER that is registered,
 available and supports the call.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import math
 import os
@@ -187,9 +189,29 @@ def measured_choice(family: str, tensor: torch.Tensor, info: dict, gpu: Optional
     return min(candidates, key=lambda e: abs(math.log(size / max(1, e["shape"][size_key]))))["backend"]
 
 
+# The backend chosen by the innermost `use_backend` block of this thread / task (None: not inside one).
+_SCOPED_BACKEND: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("dinotxt_fast_backend", default=None)
+
+
+@contextlib.contextmanager
+def use_backend(name: Optional[str]):
+    """Run every op called inside the block (model forward, pooling, loss) on backend `name` ("torch", "triton",
+    "cuda"), unless a call passes its own `backend=`; None or "auto" restores the default choice (DINOTXT_FAST_BACKEND,
+    else automatic) inside the block. Scoped to the block and to the calling thread or asyncio task, unlike the
+    environment variable it takes precedence over."""
+    if name is not None and name != "auto" and name not in KNOWN_BACKENDS and name not in _REGISTRY:
+        raise ValueError(f"use_backend: unknown backend {name!r}; choose from "
+                         f"{sorted(set(KNOWN_BACKENDS) | set(_REGISTRY))}, 'auto' or None")
+    token = _SCOPED_BACKEND.set(None if name == "auto" else name)
+    try:
+        yield
+    finally:
+        _SCOPED_BACKEND.reset(token)
+
+
 def resolve(family: str, backend: Optional[str], tensor: torch.Tensor, **info) -> str:
     """The backend name to run `family` with for this call; a clear ValueError when an explicit choice can't run."""
-    requested = backend or os.environ.get(ENV_VAR) or "auto"
+    requested = backend or _SCOPED_BACKEND.get() or os.environ.get(ENV_VAR) or "auto"
     if requested != "auto":
         problem = _problem(requested, family, tensor, info)
         if problem is not None:

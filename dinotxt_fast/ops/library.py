@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .dispatch import get_kernel
+from . import dispatch
 from .reference import accumulation_dtype
 
 NAMESPACE = "dinotxt_fast"
@@ -20,7 +20,7 @@ NAMESPACE = "dinotxt_fast"
 def _run(backend: str, kernel: str, *args):
     """Run a backend's kernel with autocast off and the first argument's CUDA device current: Triton and the _C
     wrappers launch on the current device and its stream, which must be the device the tensors live on."""
-    fn = get_kernel(backend, kernel)
+    fn = dispatch.get_kernel(backend, kernel)
     # Autocast stays outside: a kernel computes in the dtypes it is given (and declares in its fake).
     with torch.autocast(args[0].device.type, enabled=False):
         if args[0].is_cuda:

@@ -5,12 +5,13 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
+
+from .._files import atomic_write
 
 _NAME = re.compile(r"^step_(\d+)\.pt$")
 
@@ -35,20 +36,8 @@ def set_rng_state(state: dict) -> None:
 
 
 def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temporary file in the same directory, fsync, then rename over `path`: a crash at any
-    point leaves either the old file or the new one, never a truncated checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """torch.save `obj` to `path` atomically (see _files.atomic_write): never a truncated checkpoint."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def _atomic_link(source: Path, target: Path) -> None:

@@ -189,13 +189,16 @@ def build_model(cfg: TrainConfig, device: torch.device, precision: str) -> DinoT
 
 def train(cfg: TrainConfig, out_dir, resume: Optional[str] = None, progress: bool = True) -> dict:
     """Run (or resume) training; returns a summary. Writes config.yaml, metrics.jsonl, checkpoints/, plots/."""
+    with ops.use_backend(cfg.backend):  # every op of the run (model, pooling, loss) uses this backend
+        return _train(cfg, out_dir, resume, progress)
+
+
+def _train(cfg: TrainConfig, out_dir, resume: Optional[str], progress: bool) -> dict:
     from .data import make_loader
     from .evaluate import Evaluator
     from .feature_cache import build_feature_cache, cached_loader
 
     out_dir = Path(out_dir)
-    if cfg.backend not in (None, "auto"):
-        os.environ[ops.ENV_VAR] = cfg.backend  # every op of the run (model, pooling, loss) uses this backend
     d, device = setup_distributed(cfg.device)
     precision = _resolve_precision(cfg, device)
     if d.main:
