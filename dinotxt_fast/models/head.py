@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from .config import DinoTxtConfig
-from .layers import Attention, LayerScale, SwiGLUFFN, drop_add_residual_stochastic_depth, drop_path
+from .layers import (Attention, LayerScale, SwiGLUFFN, drop_add_residual_stochastic_depth, drop_path,
+                     init_vit_weights)
 
 HEAD_LN_EPS = 1e-5  # the head uses nn.LayerNorm defaults, unlike the DINOv2 backbone (1e-6)
 
@@ -31,7 +32,6 @@ class HeadBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=HEAD_LN_EPS)
         self.mlp = SwiGLUFFN(dim, mlp_hidden)
         self.ls2 = LayerScale(dim, layerscale_init)
-        self.layerscale_init = layerscale_init
         self.drop_path = drop_path
         self.release = release
 
@@ -69,16 +69,7 @@ class VisionHead(nn.Module):
 
     def init_weights(self) -> None:
         """The official head init (timm ViT): truncated normal 0.02 weights, zero biases, LayerScale at init."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.trunc_normal_(module.weight, std=0.02)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                module.reset_parameters()
-        for block in self.blocks:
-            nn.init.constant_(block.ls1.gamma, block.layerscale_init)
-            nn.init.constant_(block.ls2.gamma, block.layerscale_init)
+        init_vit_weights(self)
 
     def forward(self, tokens: torch.Tensor, final_norm: bool = True) -> torch.Tensor:
         """tokens [B, N, D] -> [B, N, D]. `final_norm=False` skips ln_final, for callers that fuse it

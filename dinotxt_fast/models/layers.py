@@ -115,6 +115,18 @@ class LayerScale(nn.Module):
         return x * self.gamma
 
 
+def init_vit_weights(module: nn.Module) -> None:
+    """timm's ViT init, which the official DINOv2/DINOv3 backbones and the DINO.txt head use: truncated normal
+    (std 0.02) Linear weights, zero biases, default LayerNorm, LayerScale at its init value."""
+    for sub in module.modules():
+        if isinstance(sub, nn.Linear):
+            nn.init.trunc_normal_(sub.weight, std=0.02)
+            if sub.bias is not None:
+                nn.init.zeros_(sub.bias)
+        elif isinstance(sub, (nn.LayerNorm, LayerScale)):
+            sub.reset_parameters()
+
+
 class Mlp(nn.Module):
     """fc1 -> exact-erf GELU -> fc2."""
 

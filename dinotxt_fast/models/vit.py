@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ._state import StateDictCheck, StateDictError, check_state_dict
 from .config import DinoTxtConfig
-from .layers import Attention, LayerScale, Mlp
+from .layers import Attention, LayerScale, Mlp, init_vit_weights
 
 __all__ = ["DinoV2Backbone", "DinoV3Backbone", "RopePositionEmbedding", "build_backbone"]
 
@@ -204,18 +204,6 @@ class _ViTBackbone(nn.Module):
         expected = self.state_dict()
         return {k: v for k, v in state_dict.items() if k in expected}
 
-    def _init_common(self) -> None:
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.trunc_normal_(module.weight, std=0.02)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                module.reset_parameters()
-            elif isinstance(module, LayerScale):
-                module.reset_parameters()
-
-
 class DinoV2Backbone(_ViTBackbone):
     """DINOv2 ViT with registers (hub `dinov2_vitl14_reg`: LayerScale 1.0 at init, LayerNorm eps 1e-6)."""
 
@@ -246,7 +234,7 @@ class DinoV2Backbone(_ViTBackbone):
         if self.register_tokens is not None:
             nn.init.normal_(self.register_tokens, std=1e-6)
         nn.init.zeros_(self.mask_token)
-        self._init_common()
+        init_vit_weights(self)
         self.clear_cache()
 
     def _resize_pos_embed(self, h: int, w: int) -> Tensor:
@@ -382,7 +370,7 @@ class DinoV3Backbone(_ViTBackbone):
             nn.init.normal_(self.storage_tokens, std=0.02)
         nn.init.zeros_(self.mask_token)
         self.patch_embed.reset_parameters()
-        self._init_common()
+        init_vit_weights(self)
         with torch.no_grad():
             self.rope_embed.periods.copy_(self.rope_embed.compute_periods())
         self.clear_cache()

@@ -198,7 +198,8 @@ def use_backend(name: Optional[str]):
     """Run every op called inside the block (model forward, pooling, loss) on backend `name` ("torch", "triton",
     "cuda"), unless a call passes its own `backend=`; None or "auto" restores the default choice (DINOTXT_FAST_BACKEND,
     else automatic) inside the block. Scoped to the block and to the calling thread or asyncio task, unlike the
-    environment variable it takes precedence over."""
+    environment variable it takes precedence over. A torch.compile'd graph keeps the backends chosen when it was
+    traced."""
     if name is not None and name != "auto" and name not in KNOWN_BACKENDS and name not in _REGISTRY:
         raise ValueError(f"use_backend: unknown backend {name!r}; choose from "
                          f"{sorted(set(KNOWN_BACKENDS) | set(_REGISTRY))}, 'auto' or None")
@@ -209,9 +210,14 @@ def use_backend(name: Optional[str]):
         _SCOPED_BACKEND.reset(token)
 
 
+@torch.compiler.assume_constant_result  # read while tracing: the choice is fixed in the compiled graph
+def _scoped_backend() -> Optional[str]:
+    return _SCOPED_BACKEND.get()
+
+
 def resolve(family: str, backend: Optional[str], tensor: torch.Tensor, **info) -> str:
     """The backend name to run `family` with for this call; a clear ValueError when an explicit choice can't run."""
-    requested = backend or _SCOPED_BACKEND.get() or os.environ.get(ENV_VAR) or "auto"
+    requested = backend or _scoped_backend() or os.environ.get(ENV_VAR) or "auto"
     if requested != "auto":
         problem = _problem(requested, family, tensor, info)
         if problem is not None:

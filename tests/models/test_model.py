@@ -80,6 +80,15 @@ def v2():
     return ref, ours
 
 
+def _assert_embeddings_match(ours, ref, images, ids):
+    """encode_image / encode_text of our model equal the official one's, raw and normalised."""
+    for normalize in (False, True):
+        torch.testing.assert_close(ours.encode_image(images, normalize=normalize),
+                                   ref.encode_image(images, normalize=normalize), **TOL)
+        torch.testing.assert_close(ours.encode_text(ids, normalize=normalize),
+                                   ref.encode_text(ids, normalize=normalize), **TOL)
+
+
 @pytest.mark.parametrize("size", [(56, 56), (42, 70)])  # the stored 4x4 grid, and a resized 3x5 one
 def test_v2_matches_official(v2, size):
     ref, ours = v2
@@ -87,11 +96,7 @@ def test_v2_matches_official(v2, size):
     images = torch.randn(2, 3, *size)
     ids = _ids([5, 12, 77])[:2]
     with torch.no_grad():
-        for normalize in (False, True):
-            torch.testing.assert_close(ours.encode_image(images, normalize=normalize),
-                                       ref.encode_image(images, normalize=normalize), **TOL)
-            torch.testing.assert_close(ours.encode_text(ids, normalize=normalize),
-                                       ref.encode_text(ids, normalize=normalize), **TOL)
+        _assert_embeddings_match(ours, ref, images, ids)
         cls, head_patches, backbone_patches = ours.image_tokens(images)
         ref_cls, ref_patches = ref.get_visual_class_and_patch_tokens(images)
         ref_backbone = ref.visual_model.backbone.get_intermediate_layers(images, n=1)[0]
@@ -348,11 +353,7 @@ def test_v3_matches_official(v3, size):
     images = torch.randn(2, 3, *size)
     ids = _ids([6, 77])
     with torch.no_grad():
-        for normalize in (False, True):
-            torch.testing.assert_close(ours.encode_image(images, normalize=normalize),
-                                       ref.encode_image(images, normalize=normalize), **TOL)
-            torch.testing.assert_close(ours.encode_text(ids, normalize=normalize),
-                                       ref.encode_text(ids, normalize=normalize), **TOL)
+        _assert_embeddings_match(ours, ref, images, ids)
         cls, head_patches, backbone_patches = ours.image_tokens(images)
         ref_cls, ref_patches, ref_backbone = ref.get_visual_class_and_patch_tokens(images)
     torch.testing.assert_close(cls, ref_cls, **TOL)

@@ -10,9 +10,9 @@ import torch
 
 from dinotxt_fast.models import tokenizer as tk
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-GOLDEN_PATH = os.path.join(HERE, "data", "tokenizer_golden.json")
-VOCAB_PATH = os.path.join(os.path.dirname(HERE), "dinotxt_fast", "models", "data", "bpe_simple_vocab_16e6.txt.gz")
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GOLDEN_PATH = os.path.join(TESTS, "data", "tokenizer_golden.json")
+VOCAB_PATH = os.path.join(os.path.dirname(TESTS), "dinotxt_fast", "models", "data", "bpe_simple_vocab_16e6.txt.gz")
 
 
 @pytest.fixture(scope="module")
