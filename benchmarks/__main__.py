@@ -1,6 +1,7 @@
 """The benchmark suite: every benchmark on one harness in one process, then the report.
 
-    python -m benchmarks [attention|contrastive|dense|train|infer|all ...] [--device cuda|cpu] [--quick] [--out DIR]
+    python -m benchmarks [attention|pooling|contrastive|dense|infer|train|all ...] [--device cuda|cpu] [--quick]
+                         [--out DIR] [--budget-s S]
     dinotxt-fast bench ...                                   (the same, from a source checkout)
 
 Each benchmark writes `<out>/<benchmark>-<machine>-<time>.json` (benchmarks/harness.py: environment, measured
@@ -18,8 +19,8 @@ import time
 import traceback
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-BENCHMARKS = ("attention", "contrastive", "dense", "infer", "train")  # run order: kernels, then end-to-end
+from benchmarks import BENCHMARKS  # the one list, in run order: kernels, then end to end
+from benchmarks.harness import RESULTS_DIR, add_budget_argument
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -30,8 +31,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None,
                         help="cuda: the real benchmark (default when a GPU is present); cpu: smoke runs of tiny shapes")
     parser.add_argument("--quick", action="store_true", help="reduced case lists and repetitions (GPU suite: < 9 min)")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="results folder")
+    parser.add_argument("--out", default=str(RESULTS_DIR), help="results folder")
     parser.add_argument("--no-report", action="store_true", help="skip REPORT.md and the plots")
+    add_budget_argument(parser)
     args = parser.parse_args(argv)
     unknown = sorted(set(args.which) - set(BENCHMARKS) - {"all"})
     if unknown:
@@ -48,15 +50,16 @@ def main(argv=None) -> int:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel module is imported
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
     out = Path(args.out)
     before = set(out.glob("*.json")) if out.is_dir() else set()
     failed = []
+    suite_start = time.monotonic()
     for name in args.which:
         print(f"=== benchmark {name} ({args.device}{', quick' if args.quick else ''})", flush=True)
         start = time.perf_counter()
         flags = ["--device", args.device, "--out", str(out)] + (["--quick"] if args.quick else [])
+        if args.budget_s is not None:  # what is left of the whole run's budget (a spent one still writes its rows)
+            flags += ["--budget-s", f"{max(args.budget_s - (time.monotonic() - suite_start), 1e-3):.3f}"]
         try:
             status = importlib.import_module(f"benchmarks.{name}").main(flags)
         except Exception:  # noqa: BLE001 - one broken benchmark must not hide the others' results

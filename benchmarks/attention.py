@@ -31,7 +31,6 @@ best baseline and over the best SDPA backend measured in the same run. JSON: ben
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib
 import inspect
@@ -46,8 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 from benchmarks.harness import (  # noqa: E402
-    RESULTS_DIR, add_budget_argument, add_ratios, budget_check, environment, error_text, free_cache, is_ours,
-    measure_ceilings, peak_memory_mib, print_row, result, Rotation, time_ms, write_results)
+    Benchmark, Rotation, Run, error_text, free_cache, is_ours, peak_memory_mib, print_row, result, time_ms)
 
 PASSES = ("fwd", "bwd", "fwd+bwd")
 FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
@@ -116,26 +114,19 @@ TARGETS = [dict(zip(("issue", "case", "impl", "pass", "metric", "target"), t), o
 )]
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
-                        help="cuda: the real benchmark; cpu: a smoke run of tiny shapes under the Triton interpreter")
-    parser.add_argument("--quick", action="store_true", help="smaller batches, fewer rows and repetitions")
+def add_arguments(parser) -> None:
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
                         help="input dtype (default bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--cases", default=None,
                         help="comma-separated substrings: run only the cases whose name contains one of them")
     parser.add_argument("--passes", default=",".join(PASSES), help=f"comma-separated subset of {PASSES}")
-    parser.add_argument("--list", action="store_true", help="print the cases and exit")
-    parser.add_argument("--out", default=str(RESULTS_DIR), help="results directory")
-    add_budget_argument(parser)
-    args = parser.parse_args(argv)
+
+
+def check_arguments(parser, args) -> None:
     args.passes = [p for p in args.passes.split(",") if p]
     unknown = sorted(set(args.passes) - set(PASSES))
     if unknown or not args.passes:
         parser.error(f"unknown or no passes {unknown or args.passes}; choose from {PASSES}")
-    return args
 
 
 def select_cases(args) -> list[Case]:
@@ -144,6 +135,11 @@ def select_cases(args) -> list[Case]:
         wanted = [w.strip() for w in args.cases.split(",") if w.strip()]
         cases = [c for c in cases if any(w in c.name for w in wanted)]
     return cases
+
+
+def describe(case: Case) -> str:
+    return (f"{case.name}: B={case.batch} N={case.seq} H={case.heads} Dh={case.head_dim} causal={case.causal} "
+            f"lengths={case.lengths}")
 
 
 # -------------------------------------------------------------------------------------------- implementations
@@ -401,11 +397,31 @@ def pass_step(torch, impl: Impl, case: Case, pass_: str, sets) -> Callable:
     return bwd
 
 
-def run_case(case: Case, impls: list[Impl], passes, device, dtype, quick: bool, ceilings: dict,
-             budget: Callable[[], Optional[str]] = lambda: None) -> list[dict]:
-    """Every implementation's rows for one case; `budget()` returns a reason once the time budget is used up."""
+@dataclass
+class Setup:
+    impls: list[Impl]
+    dtype: object  # torch.dtype
+    deterministic_rows: bool
+
+
+def setup(run: Run) -> Setup:
     import torch
 
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+        run.args.dtype or ("bf16" if run.device.type == "cuda" else "fp32")]
+    deterministic_rows = not (run.args.quick and run.device.type == "cuda")
+    impls = implementations(run.device, deterministic_rows)
+    print(f"attention benchmark on {run.env.get('gpu', 'cpu')} ({dtype}); "
+          f"implementations: {[i.name for i in impls if i.unavailable is None]}", flush=True)
+    return Setup(impls, dtype, deterministic_rows)
+
+
+def run_case(run: Run, case: Case) -> list[dict]:
+    """Every implementation's rows for one case; `run.budget()` gives a reason once the time budget is used up."""
+    import torch
+
+    impls, passes, device, dtype = run.state.impls, run.args.passes, run.device, run.state.dtype
+    quick, ceilings, budget = run.quick, run.ceilings, run.budget
     generator = torch.Generator(device=device).manual_seed(0)
     lengths = None
     if case.lengths:  # caption-like token counts, SOT and EOT included
@@ -505,56 +521,15 @@ NOTES = {
 }
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    # From the start: the suite's hard limit counts the setup (environment, ceilings) too.
-    budget = budget_check(args.budget_s)
-    cases = select_cases(args)
-    if args.list:
-        for case in cases:
-            print(f"{case.name}: B={case.batch} N={case.seq} H={case.heads} Dh={case.head_dim} "
-                  f"causal={case.causal} lengths={case.lengths}")
-        return 0
-    if args.device == "cpu":
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are imported
-    import torch
+def settings(run: Run, cases: list[Case]) -> dict:
+    return {"dtype": str(run.state.dtype).replace("torch.", ""), "passes": run.args.passes,
+            "cases": [asdict(c) for c in cases], "deterministic_rows": run.state.deterministic_rows}
 
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("no CUDA device: run with --device cpu for the smoke run", file=sys.stderr)
-        return 2
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
-        args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    quick = args.quick or device.type == "cpu"
-    env = environment(device)
-    ceilings = measure_ceilings(device, quick)
-    deterministic_rows = not (args.quick and device.type == "cuda")
-    impls = implementations(device, deterministic_rows)
-    print(f"attention benchmark on {env.get('gpu', 'cpu')} ({dtype}); "
-          f"implementations: {[i.name for i in impls if i.unavailable is None]}", flush=True)
-    rows = []
-    for case in cases:
-        print(f"{case.name}: B={case.batch} N={case.seq} H={case.heads} Dh={case.head_dim} causal={case.causal}",
-              flush=True)
-        try:
-            rows += run_case(case, impls, args.passes, device, dtype, quick, ceilings,
-                             budget)
-        except Exception as error:  # noqa: BLE001 - e.g. its inputs do not fit: the other cases still run
-            rows.append(result(case.name, "(case setup)", skipped=error_text(error)))
-            print_row(rows[-1])
-            free_cache(device)
-    add_ratios(rows)
-    add_sdpa_ratios(rows)
-    for r in rows:
-        if "speedup_vs_best_baseline" in r:
-            print(f"  {r['case'][:34]:34s} {r['impl'][:34]:34s} {r['pass']:8s} {r['speedup_vs_best_baseline']:.2f}x "
-                  f"vs {r['best_baseline']}", flush=True)
-    write_results("attention", rows, env, ceilings, args.out, notes=NOTES,
-                  settings={"dtype": str(dtype).replace("torch.", ""), "quick": args.quick, "passes": args.passes,
-                            "cases": [asdict(c) for c in cases], "deterministic_rows": deterministic_rows,
-                            "budget_s": args.budget_s})
-    return 0
 
+BENCHMARK = Benchmark("attention", __doc__, select_cases, run_case, describe=describe, arguments=add_arguments,
+                      check=check_arguments, setup=setup, ratios=(add_sdpa_ratios,), settings=settings, notes=NOTES,
+                      quick_help="smaller batches, fewer rows and repetitions")
+main = BENCHMARK.main
 
 if __name__ == "__main__":
     sys.exit(main())

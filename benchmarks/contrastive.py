@@ -26,19 +26,18 @@ JSON: benchmarks/results/contrastive-*.json.
 """
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 from benchmarks.harness import (  # noqa: E402
-    RESULTS_DIR, add_budget_argument, add_ratios, budget_check, environment, error_text, free_cache, is_ours,
-    measure_ceilings, peak_memory_mib, print_row, result, Rotation, time_ms, write_results)
+    Benchmark, Rotation, Run, backend_problem, error_text, free_cache, is_ours, peak_memory_mib, print_row, result,
+    time_ms)
 
 FULL_CASES = ["4096x4096", "4096x32768", "65536x65536"]
 QUICK_CASES = ["4096x4096", "4096x32768"]
@@ -101,41 +100,46 @@ NOTES = {
 }
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    p.add_argument("--quick", action="store_true", help="fewer repetitions and cases (GPU), tiny shapes (CPU)")
-    p.add_argument("--cases", nargs="+", metavar="BLxBG", help=f"cases (default {FULL_CASES}; --quick {QUICK_CASES}; "
-                                                               f"cpu {CPU_CASES})")
-    p.add_argument("--dim", type=int, default=None, help="feature dim E (default 2048; 32 on cpu)")
-    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
-                   help="feature dtype (default bfloat16; float32 on cpu: the interpreter cannot do bf16 dots)")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
-    p.add_argument("--out", default=str(RESULTS_DIR), help="results directory")
-    add_budget_argument(p)
-    args = p.parse_args(argv)
+@dataclass(frozen=True)
+class Case:
+    b_local: int  # one rank's rows
+    b_global: int  # the global batch: its columns
+
+    @property
+    def name(self) -> str:
+        return f"{self.b_local}x{self.b_global}"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--cases", nargs="+", metavar="BLxBG",
+                        help=f"cases (default {FULL_CASES}; --quick {QUICK_CASES}; cpu {CPU_CASES})")
+    parser.add_argument("--dim", type=int, default=None, help="feature dim E (default 2048; 32 on cpu)")
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
+                        help="feature dtype (default bfloat16; float32 on cpu: the interpreter cannot do bf16 dots)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
+
+
+def check_arguments(parser, args) -> None:
     cpu = args.device == "cpu"
     try:
         args.cases = [parse_case(c) for c in (args.cases or (CPU_CASES if cpu else QUICK_CASES if args.quick
                                                              else FULL_CASES))]
     except ValueError as error:
-        p.error(str(error))
+        parser.error(str(error))
     args.dim = args.dim or (32 if cpu else 2048)
     if args.dim < 1:
-        p.error(f"--dim must be positive, got {args.dim}")
+        parser.error(f"--dim must be positive, got {args.dim}")
     args.dtype = args.dtype or ("float32" if cpu else "bfloat16")
-    return args
 
 
-def parse_case(text: str) -> tuple[int, int]:
+def parse_case(text: str) -> Case:
     try:
         local, total = (int(x) for x in text.lower().split("x"))
     except ValueError:
         raise ValueError(f"bad case {text!r}: expected B_LOCALxB_GLOBAL, e.g. 4096x32768") from None
     if local < 1 or total % local:
         raise ValueError(f"bad case {text!r}: B_global must be a positive multiple of B_local")
-    return local, total
+    return Case(local, total)
 
 
 def impl_name(method: str) -> str:
@@ -144,8 +148,9 @@ def impl_name(method: str) -> str:
 
 
 # -------------------------------------------------------------------------------------------------- methods
-def make_methods(torch, F, ops, library, reference):
-    """name -> fn(img_all, txt_all, logit_scale, b_local) returning the gradients of one rank's work."""
+def make_methods(torch, F, ops, library, normalize_backward):
+    """name -> fn(img_all, txt_all, logit_scale, b_local) returning the gradients of one rank's work.
+    `normalize_backward(g, x, normalize)`: the reference's backward of the local L2 normalisation."""
 
     def naive(img_all, txt_all, scale, b_local):
         leaves = [img_all.detach().requires_grad_(True), txt_all.detach().requires_grad_(True),
@@ -242,7 +247,7 @@ def make_methods(torch, F, ops, library, reference):
             coef_c = torch.full((txt_all.shape[0],), 0.5 / b_local, device=img.device)
             d_img, g_txt, d_scale = library.contrastive_partial_bwd(img, txt_all, scale, lse_r, lse_c, coef_r, coef_c,
                                                                     True, 0, backend)
-            d_txt = reference.contrastive_normalize_backward(g_txt[:b_local], txt_all[:b_local], True)
+            d_txt = normalize_backward(g_txt[:b_local], txt_all[:b_local], True)
             return d_img, d_txt, g_txt, d_scale
         return run
 
@@ -250,7 +255,7 @@ def make_methods(torch, F, ops, library, reference):
             "ours_torch": ours("torch"), "ours_triton": ours("triton"), "ours_cuda": ours("cuda")}
 
 
-def unavailable(name, ops, device) -> Optional[str]:
+def unavailable(name, device) -> Optional[str]:
     """Why method `name` cannot run here, or None."""
     if name == "inf_cl":
         if device != "cuda":
@@ -260,11 +265,7 @@ def unavailable(name, ops, device) -> Optional[str]:
         except Exception as error:  # noqa: BLE001 - missing, or built for another torch/GPU
             return f"inf_cl is not importable ({type(error).__name__}: {error})"
     if name.startswith("ours_"):
-        report = ops.backends()[name[len("ours_"):]]
-        if not report["available"] or "contrastive_loss" not in report["ops"]:
-            return report["reason"] or "no contrastive kernels in this backend"
-        if device == "cpu" and name == "ours_cuda":
-            return "CUDA kernels need a GPU"
+        return backend_problem(name[len("ours_"):], ("contrastive_loss",), device)
     return None
 
 
@@ -290,9 +291,24 @@ def grad_diffs(grads, ref) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- running
-def run_case(torch, methods, names, ops, b_local, b_global, dim, dtype, device, quick, ceilings,
-             budget: Callable[[], Optional[str]] = lambda: None) -> list[dict]:
-    """One row per method; `budget()` returns a reason once the time budget is used up."""
+def setup(run: Run) -> tuple[dict, object]:
+    """(the methods, the feature dtype)."""
+    import torch
+    import torch.nn.functional as F
+
+    from dinotxt_fast import ops
+    from dinotxt_fast.ops import library
+    from dinotxt_fast.ops.reference.contrastive import contrastive_normalize_backward
+
+    return make_methods(torch, F, ops, library, contrastive_normalize_backward), getattr(torch, run.args.dtype)
+
+
+def run_case(run: Run, case: Case) -> list[dict]:
+    """One row per method; `run.budget()` gives a reason once the time budget is used up."""
+    import torch
+
+    (methods, dtype), device, dim = run.state, run.args.device, run.args.dim
+    b_local, b_global = case.b_local, case.b_global
     generator = torch.Generator(device=device).manual_seed(0)
 
     def make_inputs():
@@ -301,24 +317,23 @@ def run_case(torch, methods, names, ops, b_local, b_global, dim, dtype, device, 
         return img_all, txt_all, torch.tensor(LOGIT_SCALE, device=device)
 
     rotation = Rotation(make_inputs, device)
-    case = f"{b_local}x{b_global}"
     shape = {"b_local": b_local, "b_global": b_global, "dim": dim, "dtype": str(dtype).replace("torch.", ""),
              "input_sets": len(rotation)}
     flops = 8 * b_local * b_global * dim
     own_grad_mib = 2 * b_local * dim * torch.empty((), dtype=dtype).element_size() / 2**20
     references, rows = {}, []
-    for name in names:
+    for name in run.args.methods:
         label = impl_name(name)
-        reason = unavailable(name, ops, device) or budget()
+        reason = unavailable(name, device) or run.budget()
         if reason is not None:
-            rows.append(result(case, label, pass_="fwd+bwd", shape=shape, skipped=reason, method=name))
+            rows.append(result(case.name, label, pass_="fwd+bwd", shape=shape, skipped=reason, method=name))
             print_row(rows[-1])
             continue
-        run = methods[name]
+        method = methods[name]
         try:
             fields = {"method": name}
             start = time.perf_counter()
-            grads = run(*rotation.sets[0], b_local)  # compiles / autotunes outside the measurement
+            grads = method(*rotation.sets[0], b_local)  # compiles / autotunes outside the measurement
             if device == "cuda":
                 torch.cuda.synchronize()
             fields["first_call_s"] = round(time.perf_counter() - start, 3)  # mostly compiles and autotuning
@@ -332,17 +347,17 @@ def run_case(torch, methods, names, ops, b_local, b_global, dim, dtype, device, 
             else:
                 fields["not_checked"] = "no other method simulates one rank this way (checked at B_local = B_global)"
             del grads
-            timing = time_ms(lambda: run(*rotation.next(), b_local), device, quick)  # noqa: B023
-            peak = peak_memory_mib(lambda: run(*rotation.sets[0], b_local), device)  # noqa: B023
+            timing = time_ms(lambda: method(*rotation.next(), b_local), device, run.quick)  # noqa: B023
+            peak = peak_memory_mib(lambda: method(*rotation.sets[0], b_local), device)  # noqa: B023
             if peak is not None:
                 fields["extra_memory_mib"] = peak - own_grad_mib
             if name == "naive" and b_local != b_global:  # every rank of the naive loss computes the whole batch
                 fields["work_flops"] = 8 * b_global * b_global * dim
                 fields["work_tflops"] = fields["work_flops"] / (timing[0] * 1e-3) / 1e12
-            rows.append(result(case, label, timing, pass_="fwd+bwd", shape=shape, flops=flops, peak_memory=peak,
-                               ceilings=ceilings, **fields))
+            rows.append(result(case.name, label, timing, pass_="fwd+bwd", shape=shape, flops=flops, peak_memory=peak,
+                               ceilings=run.ceilings, **fields))
         except Exception as error:  # noqa: BLE001 - out of memory or a failing library: a result, not a crash
-            rows.append(result(case, label, pass_="fwd+bwd", shape=shape, method=name, skipped=error_text(error)))
+            rows.append(result(case.name, label, pass_="fwd+bwd", shape=shape, method=name, skipped=error_text(error)))
         free_cache(device)
         print_row(rows[-1])
     return rows
@@ -357,51 +372,17 @@ def add_each_baseline(rows: list[dict]) -> None:
                                              if b["case"] == r["case"] and not is_ours(b)}
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    # From the start: the suite's hard limit counts the setup (environment, ceilings) too.
-    budget = budget_check(args.budget_s)
-    if args.device == "cpu":
-        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: the Triton kernels run interpreted
+def settings(run: Run, cases: list[Case]) -> dict:
     import torch
-    import torch.nn.functional as F
 
-    from dinotxt_fast import ops
-    from dinotxt_fast.ops import library, reference
+    return {"dim": run.args.dim, "dtype": run.args.dtype, "methods": run.args.methods,
+            "cases": [c.name for c in cases], "allow_tf32_matmul": torch.backends.cuda.matmul.allow_tf32}
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("no CUDA device: run with --device cpu --quick for the smoke mode", file=sys.stderr)
-        return 2
-    device = args.device
-    quick = args.quick or device == "cpu"
-    env = environment(device)
-    ceilings = measure_ceilings(device, quick)
-    dtype = getattr(torch, args.dtype)
-    methods = make_methods(torch, F, ops, library, reference)
-    rows = []
-    for b_local, b_global in args.cases:
-        print(f"{b_local}x{b_global}: E={args.dim} {args.dtype}", flush=True)
-        try:
-            rows += run_case(torch, methods, args.methods, ops, b_local, b_global, args.dim, dtype, device, quick,
-                             ceilings, budget)
-        except Exception as error:  # noqa: BLE001 - e.g. its inputs do not fit: the other cases still run
-            rows.append(result(f"{b_local}x{b_global}", "(case setup)", pass_="fwd+bwd",
-                               skipped=error_text(error)))
-            print_row(rows[-1])
-            free_cache(device)
-    add_ratios(rows)
-    add_each_baseline(rows)
-    for r in rows:
-        if "speedup_vs_best_baseline" in r:
-            print(f"  {r['case']:>12} {r['impl']:16s} {r['speedup_vs_best_baseline']:.2f}x vs {r['best_baseline']}",
-                  flush=True)
-    allow_tf32 = torch.backends.cuda.matmul.allow_tf32
-    write_results("contrastive", rows, env, ceilings, args.out, notes=NOTES,
-                  settings={"quick": args.quick, "dim": args.dim, "dtype": args.dtype, "methods": args.methods,
-                            "cases": [f"{bl}x{bg}" for bl, bg in args.cases], "allow_tf32_matmul": allow_tf32,
-                            "budget_s": args.budget_s})
-    return 0
 
+BENCHMARK = Benchmark("contrastive", __doc__, lambda args: args.cases, run_case, arguments=add_arguments,
+                      check=check_arguments, setup=setup, ratios=(add_each_baseline,), settings=settings, notes=NOTES,
+                      setup_pass="fwd+bwd", quick_help="fewer repetitions and cases (GPU), tiny shapes (CPU)")
+main = BENCHMARK.main
 
 if __name__ == "__main__":
     sys.exit(main())

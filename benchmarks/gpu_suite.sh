@@ -6,7 +6,7 @@
 #
 # Environment:
 #   FULL=1             full case lists (default: --quick, sized so that the whole script stays under 9 minutes on an H100)
-#   BENCH="a b"        which benchmarks (default: attention contrastive dense infer train)
+#   BENCH="a b"        which benchmarks (default: every one of benchmarks.BENCHMARKS, in its order)
 #   SKIP_TESTS=1       skip the GPU tests (e.g. a second call that only re-runs benchmarks)
 #   BUDGET_S=540       the whole script's time limit in seconds (default 540 with --quick, none with FULL=1; 0: none).
 #                      Steps get what is left: each benchmark a share of the remaining time; past 80 % of its share it
@@ -36,10 +36,16 @@ WORK="$RESULTS/suite"
 mkdir -p "$WORK"
 LOG="$RESULTS/gpu_suite.log"
 export PYTHONUNBUFFERED=1
-ALL_BENCHMARKS="attention contrastive dense infer train"
-# Shares of the benchmark time, from the --quick estimates on an H100 (attention ~75 s, contrastive ~40 s, dense ~50 s,
-# infer ~50 s, train ~70 s, most of it first-call compiles and autotuning).
-declare -A WEIGHT=([attention]=28 [contrastive]=14 [dense]=17 [infer]=17 [train]=24)
+# The benchmarks and their shares of the benchmark time: the one list, benchmarks.BENCHMARKS (benchmarks/__init__.py).
+declare -A WEIGHT=()
+shares=$(python3 -c 'import benchmarks; print(*(f"{n}={e.suite_share}" for n, e in benchmarks.BENCHMARKS.items()))') \
+  || { echo "cannot read benchmarks.BENCHMARKS (python3 -c 'import benchmarks' from $(pwd))" >&2; exit 2; }
+ALL_BENCHMARKS=""
+for share in $shares; do
+  WEIGHT[${share%%=*}]=${share#*=}
+  ALL_BENCHMARKS="$ALL_BENCHMARKS ${share%%=*}"
+done
+ALL_BENCHMARKS="${ALL_BENCHMARKS# }"
 BUDGET_S="${BUDGET_S:-$([ "${FULL:-0}" = "1" ] && echo 0 || echo 540)}"
 TESTS_S="${TESTS_S:-150}"
 TEST_WORKERS="${TEST_WORKERS:-6}"

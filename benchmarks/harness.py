@@ -1,5 +1,8 @@
 """The one benchmark harness every script in benchmarks/ uses.
 
+- `Benchmark(...)`: what a script declares (its cases, how to run one, its own flags, settings and notes);
+  `Benchmark.main(argv)` is the shared driver: the common flags (--device, --quick, --out, --budget-s, --list), the
+  environment and ceilings, the case loop with a skipped row for a case that fails to set up, the ratios, the JSON.
 - `environment(device)`: machine, driver, CUDA, torch, triton, baseline-library versions, git commit, kernel backends.
 - `measure_ceilings(device)`: what this machine can do at best, measured first: dense matmul TFLOP/s (bf16 on a GPU,
   fp32 on a CPU) and device-to-device copy GB/s (bytes read + written). Every result is also a fraction of these.
@@ -8,6 +11,8 @@
 - `time_ms(fn)`: median and 20/80 % quantiles: CUDA events through `triton.testing.do_bench` on a GPU (warm-up
   included), perf_counter repeats on a CPU (smoke runs).
 - `peak_memory_mib(fn)`: the peak allocated during one call above what was allocated before it.
+- `backend_problem(...)`, `recording_backends()`, `attention_through_sdpa()`: which backend can run, which ran, and
+  the eager baselines' attention.
 - `result(...)`: one JSON row; `add_ratios(rows)`: best baseline / ours per case and pass; `write_results(...)`: the
   JSON file `<benchmark>-<machine>-<time>.json` that `benchmarks/report.py` turns into tables and plots.
 
@@ -15,6 +20,7 @@ Row convention: `impl` names starting with "ours" are dinotxt-fast; every other 
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import gc
 import json
@@ -23,9 +29,11 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "benchmarks" / "results"
@@ -168,8 +176,6 @@ def first_call(fn: Callable[[], object], device):
 
 
 def _positive_seconds(text: str) -> float:
-    import argparse
-
     value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {text}")
@@ -296,13 +302,48 @@ def sdpa_attention(q, k, v, *, causal=False, scale=None, lengths=None, backend=N
 
 
 @contextlib.contextmanager
-def recording_backends() -> Iterator[dict]:
-    """Yields {op family: [backends it resolved to]} filled by the op calls made inside: the evidence of what a run
-    really ran, fallbacks included (the ops look `resolve` up in dinotxt_fast.ops at call time)."""
+def attention_through_sdpa() -> Iterator[None]:
+    """Every dinotxt_fast.ops.attention call made inside runs `sdpa_attention` instead (the model's attention
+    modules look ops.attention up at call time): the eager baselines' model. Restored on exit."""
     from dinotxt_fast import ops
 
+    saved = ops.attention
+    ops.attention = sdpa_attention
+    try:
+        yield
+    finally:
+        ops.attention = saved
+
+
+def backend_problem(name: str, families: Sequence[str], device) -> Optional[str]:
+    """Why backend `name` cannot run every op family of `families` on `device` here, or None when it can."""
+    from dinotxt_fast import ops
+
+    report = ops.backends().get(name)
+    if report is None:
+        return f"backend {name!r} is not registered"
+    if not report["available"]:
+        return f"backend {name!r} is unavailable: {report['reason']}"
+    missing = [family for family in families if family not in report["ops"]]
+    if missing:
+        return (f"backend {name!r} has no {', '.join(missing)} kernel (it provides "
+                f"{', '.join(report['ops']) or 'none'})")
+    if name == "cuda" and not is_cuda(device):
+        return "the CUDA backend needs a CUDA device"
+    return None
+
+
+@contextlib.contextmanager
+def recording_backends() -> Iterator[dict]:
+    """Yields {op family: [backends it resolved to]} filled by the op calls made inside: the evidence of what a run
+    really ran, fallbacks included. `resolve` is wrapped wherever the ops may look it up at call time (the
+    dinotxt_fast.ops namespace and its dispatch module)."""
+    from dinotxt_fast import ops
+    from dinotxt_fast.ops import dispatch
+
     used: dict[str, list[str]] = {}
-    original = ops.resolve
+    original = dispatch.resolve
+    holders = [module for module in (ops, dispatch) if getattr(module, "resolve", None) is original]
 
     def recording(family, backend, tensor, **info):
         name = original(family, backend, tensor, **info)
@@ -310,11 +351,13 @@ def recording_backends() -> Iterator[dict]:
             used[family].append(name)
         return name
 
-    ops.resolve = recording
+    for module in holders:
+        module.resolve = recording
     try:
         yield used
     finally:
-        ops.resolve = original
+        for module in holders:
+            module.resolve = original
 
 
 # ------------------------------------------------------------------------------------------------------ results
@@ -366,6 +409,25 @@ def add_ratios(rows: list[dict]) -> None:
             r["memory_ratio_vs_best_baseline"] = best["peak_memory_mib"] / r["peak_memory_mib"]
 
 
+def add_ratios_against(rows: list[dict], baseline: str, label: str) -> None:
+    """speedup_vs_<label> / memory_ratio_vs_<label> on our timed rows: against the row of implementation `baseline`
+    of the same case and pass, the baseline a target is stated against (not necessarily the fastest one, which
+    add_ratios picks)."""
+    base = {(r["case"], r["pass"]): r for r in rows if r["impl"] == baseline and "median_ms" in r}
+    for r in rows:
+        ref = base.get((r["case"], r["pass"]))
+        if ref is None or not is_ours(r) or "median_ms" not in r:
+            continue
+        r[f"speedup_vs_{label}"] = ref["median_ms"] / r["median_ms"]
+        if ref.get("peak_memory_mib") and r.get("peak_memory_mib"):
+            r[f"memory_ratio_vs_{label}"] = ref["peak_memory_mib"] / r["peak_memory_mib"]
+
+
+def max_abs_diff(a, b) -> float:
+    """The largest |a - b| of two tensors of one shape, in float64 (0 when empty)."""
+    return float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
+
+
 def print_row(row: dict) -> None:
     """One line per row while a benchmark runs."""
     head = f"  {row['case'][:34]:34s} {row['impl'][:34]:34s} {(row.get('pass') or '')[:8]:8s}"
@@ -405,3 +467,120 @@ def write_results(benchmark: str, rows: list[dict], env: dict, ceilings: Optiona
     path.write_text(json.dumps(_finite(record), indent=1, default=str) + "\n")
     print(f"wrote {path}", flush=True)
     return path
+
+
+def print_speedups(rows: list[dict]) -> None:
+    """The run's closing lines: each of our rows against the best baseline of its case and pass."""
+    for r in rows:
+        if "speedup_vs_best_baseline" in r:
+            memory = r.get("memory_ratio_vs_best_baseline")
+            print(f"  {r['case'][:34]:34s} {r['impl'][:34]:34s} {(r.get('pass') or '')[:8]:8s} "
+                  f"{r['speedup_vs_best_baseline']:.2f}x vs {r['best_baseline']}"
+                  + (f", memory {memory:.2f}x" if memory else ""), flush=True)
+
+
+# ------------------------------------------------------------------------------------------------------- driver
+@dataclass
+class Run:
+    """One run of a benchmark, as the driver hands it to the script's functions."""
+    args: argparse.Namespace
+    device: Any  # torch.device
+    quick: bool  # fewer repetitions: --quick, or any CPU run (a smoke run)
+    env: dict
+    ceilings: dict
+    budget: Callable[[], Optional[str]]  # the skip reason once --budget-s has passed, else None
+    state: Any = None  # what the script's setup() returned (its implementations, a model...)
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """What a benchmark script declares; `main` does the rest, the same way for every script: the common flags
+    (--device, --quick, --out, --budget-s, --list), the environment and the measured ceilings, the case loop (a case
+    whose setup fails gives a "(case setup)" skipped row and the others still run), the ratios and the JSON record.
+
+    - `cases(args)`: the cases this run measures; `describe(case)`: its line in --list and in the progress output;
+    - `run_case(run, case)`: the case's rows (harness.result), one per implementation and pass;
+    - `arguments(parser)`: the script's own flags; `check(parser, args)`: validates and completes them (parser.error
+      on a bad one), after --device is resolved and TRITON_INTERPRET set for a CPU run;
+    - `setup(run)`: what every case shares (implementations, a model), kept in run.state;
+    - `ratios`: functions adding the script's own ratio fields to the rows, after add_ratios;
+    - `settings(run, cases)` and `notes`: recorded in the JSON (device, quick and budget_s are added)."""
+    name: str  # the JSON file's prefix and the suite's name for it (benchmarks.BENCHMARKS)
+    doc: str  # the script's docstring: --help's description (first paragraph) and epilog
+    cases: Callable[[argparse.Namespace], list]
+    run_case: Callable[[Run, Any], list]
+    describe: Callable[[Any], str] = lambda case: case.name
+    arguments: Callable[[argparse.ArgumentParser], None] = lambda parser: None
+    check: Callable[[argparse.ArgumentParser, argparse.Namespace], None] = lambda parser, args: None
+    setup: Callable[[Run], Any] = lambda run: None
+    ratios: tuple = ()
+    settings: Callable[[Run, list], dict] = lambda run, cases: {}
+    notes: dict = field(default_factory=dict)
+    setup_pass: Optional[str] = None  # the pass of a "(case setup)" row
+    quick_help: str = "fewer cases and repetitions"
+
+    def parser(self) -> argparse.ArgumentParser:
+        parser = argparse.ArgumentParser(description=self.doc.split("\n\n")[0],
+                                         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=self.doc)
+        parser.add_argument("--device", choices=("cuda", "cpu"), default=None,
+                            help="cuda: the real benchmark (default when a GPU is present); cpu: a smoke run of tiny "
+                                 "shapes, Triton through its interpreter")
+        parser.add_argument("--quick", action="store_true", help=self.quick_help)
+        parser.add_argument("--list", action="store_true", help="print the cases and exit")
+        parser.add_argument("--out", default=str(RESULTS_DIR), help="results directory")
+        add_budget_argument(parser)
+        self.arguments(parser)
+        return parser
+
+    def parse_args(self, argv=None) -> argparse.Namespace:
+        parser = self.parser()
+        args = parser.parse_args(argv)
+        if args.device is None:
+            import torch
+
+            args.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if args.device == "cpu":
+            os.environ.setdefault("TRITON_INTERPRET", "1")  # before check() or the run imports the Triton kernels
+        self.check(parser, args)
+        return args
+
+    def main(self, argv=None) -> int:
+        args = self.parse_args(argv)
+        budget = budget_check(args.budget_s)  # from the start: the suite's hard limit counts the setup too
+        cases = self.cases(args)
+        if args.list:
+            for case in cases:
+                print(self.describe(case))
+            return 0
+        import torch
+
+        if args.device == "cuda" and not torch.cuda.is_available():
+            print(f"{self.name}: --device cuda but no CUDA device is available (--device cpu --quick is the smoke "
+                  "run)", file=sys.stderr)
+            return 2
+        device = torch.device(args.device)
+        quick = args.quick or device.type == "cpu"
+        env = environment(device)
+        ceilings = measure_ceilings(device, quick)
+        run = Run(args, device, quick, env, ceilings, budget)
+        torch.manual_seed(0)  # inputs drawn from the global generator are the same every run
+        run.state = self.setup(run)
+        rows: list[dict] = []
+        for case in cases:
+            print(self.describe(case), flush=True)
+            try:
+                rows += self.run_case(run, case)
+            except Exception as error:  # noqa: BLE001 - e.g. its inputs do not fit: the other cases still run
+                rows.append(result(case.name, "(case setup)", pass_=self.setup_pass, skipped=error_text(error)))
+                print_row(rows[-1])
+            free_cache(device)
+        settings = {"device": args.device, "quick": args.quick, "budget_s": args.budget_s,
+                    **self.settings(run, cases)}
+        run.state = None  # the implementations or the model, before the results are written
+        free_cache(device)
+        add_ratios(rows)
+        for add in self.ratios:
+            add(rows)
+        print_speedups(rows)
+        write_results(self.name, rows, env, ceilings, args.out, settings=settings, notes=self.notes)
+        return 0

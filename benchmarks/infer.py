@@ -8,8 +8,8 @@ one DINO.txt model with dinotxt-fast's kernels against the same model on the ref
 
 Parts (--parts, comma-separated):
   segment   dtf.segment(model, images, class_embeddings, mode="slide") with the official protocol (short side 512,
-            384 windows at stride 192, head patch tokens; DESIGN.md section 2) on ADE20K-like batches (150 classes,
-            512x683 images): images/s and peak memory. Target: ours >= 3x the reference's images/s.
+            384 windows at stride 192, head patch tokens; docs/design.md, "Dense use") on ADE20K-like batches (150
+            classes, 512x683 images): images/s and peak memory. Target: ours >= 3x the reference's images/s.
   zeroshot  images/s of ZeroShotClassifier (encode_image + the cosine classifier matmul) on a batch of 224 px
             images, and prompts/s of build_text_classifier (tokenize + encode_text + template averaging of N classes
             x the 80 ImageNet templates).
@@ -31,7 +31,6 @@ and the JSON record come from benchmarks/harness.py; results go to benchmarks/re
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import sys
@@ -47,9 +46,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 from benchmarks.harness import (  # noqa: E402
-    RESULTS_DIR, add_budget_argument, add_ratios, budget_check, environment, error_text, free_cache, is_ours,
-    measure_ceilings, peak_memory_mib, print_row, recording_backends, result, Rotation, sdpa_attention, time_ms,
-    write_results)
+    Benchmark, Rotation, Run, add_ratios_against, attention_through_sdpa, backend_problem, error_text, free_cache,
+    max_abs_diff, peak_memory_mib, print_row, recording_backends, result, time_ms)
 
 PARTS = ("segment", "zeroshot")
 PRESET = "dinov2_vitl14_reg4_dinotxt"
@@ -116,54 +114,58 @@ def zeroshot_cases(device: str, quick: bool) -> list[ZeroShotCase]:
 # ------------------------------------------------------------------------------------------------ routing
 @contextlib.contextmanager
 def routed(order: tuple[str, ...], device: torch.device, sdpa: bool = False) -> Iterator[None]:
-    """Every op the model calls with backend=None runs on the first backend of `order` that can run it.
+    """Every op the model calls with backend=None runs on the first backend of `order` (then torch) that can run it.
 
-    CUDA tensors: the auto order of every family is set to `order` (then torch), which also falls back per call
-    when a kernel does not support it. CPU tensors always get "torch" from auto, so there the first backend is named
-    outright through DINOTXT_FAST_BACKEND (the smoke run's Triton, under the interpreter, has every family).
-    `sdpa`: attention through torch's SDPA instead of the ops dispatch. Everything is restored on exit."""
+    CPU tensors, and the torch-only order of the reference rows: `ops.use_backend(order[0])` (auto always gives CPU
+    tensors "torch"; the smoke run's Triton, under the interpreter, has every family). CUDA tensors with kernel
+    backends: per family the first backend of the chain that supports the call, falling back per call, which only
+    the auto dispatch does, so for the block its AUTO_ORDER is the chain and its measured per-shape table is set
+    aside (`auto_order`). `sdpa`: attention through torch's SDPA instead of the ops dispatch. All restored on exit."""
+    from dinotxt_fast import ops
+
+    chain = tuple(dict.fromkeys(order + ("torch",)))
+    with contextlib.ExitStack() as stack:
+        if device.type == "cuda" and chain != ("torch",):
+            stack.enter_context(auto_order(chain))
+        else:
+            stack.enter_context(ops.use_backend(chain[0]))
+        if sdpa:
+            stack.enter_context(attention_through_sdpa())
+        yield
+
+
+@contextlib.contextmanager
+def auto_order(chain: tuple[str, ...]) -> Iterator[None]:
+    """The auto dispatch tries `chain` for every family inside the block (a scoped `use_backend(None)` keeps an
+    enclosing backend choice out); DINOTXT_FAST_BACKEND would override it, so it is refused here."""
     from dinotxt_fast import ops
     from dinotxt_fast.ops import dispatch
 
-    saved_env, saved_order, saved_attention = os.environ.get(dispatch.ENV_VAR), dict(dispatch.AUTO_ORDER), ops.attention
-    saved_measured = dispatch.measured_choice
+    if os.environ.get(dispatch.ENV_VAR):
+        raise RuntimeError(f"{dispatch.ENV_VAR}={os.environ[dispatch.ENV_VAR]} overrides the routing of this "
+                           "benchmark's kernel rows: unset it")
+    saved_order, saved_measured = dict(dispatch.AUTO_ORDER), dispatch.measured_choice
     try:
-        if device.type == "cuda":
-            os.environ.pop(dispatch.ENV_VAR, None)  # it would override the auto order
-            dispatch.measured_choice = lambda *args, **kwargs: None  # so would the measured per-shape table
-            chain = tuple(dict.fromkeys(order + ("torch",)))
-            for family in dispatch.AUTO_ORDER:
-                dispatch.AUTO_ORDER[family] = chain
-        else:
-            os.environ[dispatch.ENV_VAR] = order[0]
-        if sdpa:
-            ops.attention = sdpa_attention
-        yield
+        dispatch.measured_choice = lambda *args, **kwargs: None
+        for family in dispatch.AUTO_ORDER:
+            dispatch.AUTO_ORDER[family] = chain
+        with ops.use_backend(None):
+            yield
     finally:
-        ops.attention = saved_attention
         dispatch.measured_choice = saved_measured
         dispatch.AUTO_ORDER.update(saved_order)
-        if saved_env is None:
-            os.environ.pop(dispatch.ENV_VAR, None)
-        else:
-            os.environ[dispatch.ENV_VAR] = saved_env
 
 
 def kernel_problem(name: str, device: torch.device) -> Optional[str]:
     """Why "ours (name)" cannot run here, or None."""
     from dinotxt_fast import ops
-    from dinotxt_fast.ops.dispatch import KERNELS
 
-    report = ops.backends().get(name, {"available": False, "reason": "not registered", "ops": []})
-    if not report["available"]:
-        return f"backend {name!r} unavailable: {report['reason']}"
-    if device.type != "cuda":
-        if name != "triton":
-            return f"backend {name!r} needs a CUDA device"
-        missing = sorted(set(KERNELS) - set(report["ops"]))
-        if missing:  # on CPU the backend is named for every family, so it must have them all
-            return f"backend {name!r} lacks {missing}"
-    return None
+    if device.type == "cuda":
+        return backend_problem(name, (), device)
+    if name != "triton":
+        return f"backend {name!r} needs a CUDA device"
+    # On CPU the backend is named for every family, so it must have them all (the torch backend has every one).
+    return backend_problem(name, ops.backends()["torch"]["ops"], device)
 
 
 def auto_problem(device: torch.device) -> Optional[str]:
@@ -280,19 +282,14 @@ def reference_segment(model, images: torch.Tensor, classes: torch.Tensor, case: 
 
 
 # ------------------------------------------------------------------------------------------------ measuring
-def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
-
-
-def measure(case_name: str, pass_: str, impls: list[Impl], device: torch.device, quick: bool, ceilings: dict,
-            rows: list[dict], shape: dict, work: dict, make_call: Callable[[Impl], tuple],
-            compare: Callable[[object, object], dict], budget: Callable[[], Optional[str]] = lambda: None) -> None:
+def measure(run: Run, case_name: str, pass_: str, impls: list[Impl], shape: dict, work: dict,
+            make_call: Callable[[Impl], tuple], compare: Callable[[object, object], dict]) -> list[dict]:
     """One row per implementation. make_call(impl) -> (timed fn of no arguments, checked fn of no arguments); the
     checked output of the first implementation that runs is what `compare(out, reference)` measures against.
-    `budget()` returns a reason once the time budget is used up."""
-    reference = None
+    `run.budget()` gives a reason once the time budget is used up."""
+    device, rows, reference = run.device, [], None
     for impl in impls:
-        skip = impl.skipped or budget()
+        skip = impl.skipped or run.budget()
         if skip:
             rows.append(result(case_name, impl.name, pass_=pass_, shape=shape, skipped=skip))
             print_row(rows[-1])
@@ -306,24 +303,25 @@ def measure(case_name: str, pass_: str, impls: list[Impl], device: torch.device,
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 first_s = round(time.perf_counter() - start, 3)  # mostly JIT compiles and autotuning
-                timing = time_ms(timed, device, quick)
+                timing = time_ms(timed, device, run.quick)
                 peak = peak_memory_mib(checked, device)
             if reference is None:
                 reference = out
             rows.append(result(case_name, impl.name, timing, pass_=pass_, shape=shape, peak_memory=peak,
-                               ceilings=ceilings, routing=impl.routing, backends_used=used, first_call_s=first_s,
+                               ceilings=run.ceilings, routing=impl.routing, backends_used=used, first_call_s=first_s,
                                **work, **compare(out, reference)))
         except Exception as exc:  # noqa: BLE001 - one failing implementation must not abort the run
             rows.append(result(case_name, impl.name, pass_=pass_, shape=shape, skipped=error_text(exc)))
         print_row(rows[-1])
         free_cache(device)
+    return rows
 
 
-def run_segment(case: SegmentCase, model, device: torch.device, quick: bool, ceilings: dict,
-                rows: list[dict], budget: Callable[[], Optional[str]] = lambda: None) -> None:
+def run_segment(run: Run, case: SegmentCase) -> list[dict]:
     import dinotxt_fast as dtf
     from dinotxt_fast.inference.segmentation import short_side_size, sliding_window_boxes
 
+    model, device = run.state, run.device
     cfg = model.config
     size = short_side_size(*case.image, case.short_side)
     boxes = sliding_window_boxes(*size, case.window, case.stride)
@@ -352,16 +350,16 @@ def run_segment(case: SegmentCase, model, device: torch.device, quick: bool, cei
         return {"pixel_agreement": float((out[0] == ref[0]).double().mean()),
                 "max_abs_diff": max_abs_diff(out[1], ref[1])}
 
-    measure(case.name, "slide", implementations(device, "segment"), device, quick, ceilings, rows, shape,
-            {"flops": flops, "items": case.images, "item_name": "images"}, make_call, compare, budget)
+    return measure(run, case.name, "slide", implementations(device, "segment"), shape,
+                   {"flops": flops, "items": case.images, "item_name": "images"}, make_call, compare)
 
 
-def run_zeroshot(case: ZeroShotCase, model, device: torch.device, quick: bool, ceilings: dict,
-                 rows: list[dict], budget: Callable[[], Optional[str]] = lambda: None) -> None:
+def run_zeroshot(run: Run, case: ZeroShotCase) -> list[dict]:
     from dinotxt_fast.inference.templates import IMAGENET_TEMPLATES, format_prompt
     from dinotxt_fast.inference.zeroshot import ZeroShotClassifier, build_text_classifier
     from dinotxt_fast.models.tokenizer import tokenize
 
+    model, device = run.state, run.device
     cfg = model.config
     side = case.image_size or 2 * cfg.patch_size
     with routed(("torch",), device):  # the classifier weights only set the matmul's width, not its speed
@@ -375,11 +373,11 @@ def run_zeroshot(case: ZeroShotCase, model, device: torch.device, quick: bool, c
 
     shape = {"images": case.images, "image_size": side, "classes": case.classes}
     flops = case.images * (vision_flops(cfg, side, side) + 2 * cfg.embed_dim * case.classes)
-    measure(case.name, "images", implementations(device, "zeroshot"), device, quick, ceilings, rows, shape,
-            {"flops": flops, "items": case.images, "item_name": "images"},
-            lambda impl: (lambda: classify(rot.next()[0]), lambda: classify(check_images)),
-            lambda out, ref: {"top1_agreement": float((out.argmax(-1) == ref.argmax(-1)).double().mean()),
-                              "max_abs_diff": max_abs_diff(out, ref)}, budget)
+    rows = measure(run, case.name, "images", implementations(device, "zeroshot"), shape,
+                   {"flops": flops, "items": case.images, "item_name": "images"},
+                   lambda impl: (lambda: classify(rot.next()[0]), lambda: classify(check_images)),
+                   lambda out, ref: {"top1_agreement": float((out.argmax(-1) == ref.argmax(-1)).double().mean()),
+                                     "max_abs_diff": max_abs_diff(out, ref)})
 
     # Prompts: class names are host strings, so there is nothing to rotate; the text tower's weights are re-read
     # from memory by every batch anyway.
@@ -395,129 +393,99 @@ def run_zeroshot(case: ZeroShotCase, model, device: torch.device, quick: bool, c
     def build():
         return build_text_classifier(model, names, templates, batch_size=batch_size, progress=False)
 
-    measure(case.name, "prompts", implementations(device, "zeroshot"), device, quick, ceilings, rows, shape,
-            {"flops": flops, "items": len(prompts), "item_name": "prompts"}, lambda impl: (build, build),
-            lambda out, ref: {"max_abs_diff": max_abs_diff(out, ref)}, budget)
-
-
-def add_speedup_vs_reference(rows: list[dict]) -> None:
-    """speedup_vs_reference / memory_ratio_vs_reference on our rows: the target is stated against the reference
-    path, which need not be the fastest baseline that add_ratios picks."""
-    base = {(r["case"], r["pass"]): r for r in rows if r["impl"] == REFERENCE and "median_ms" in r}
-    for r in rows:
-        ref = base.get((r["case"], r["pass"]))
-        if ref is None or not is_ours(r) or "median_ms" not in r:
-            continue
-        r["speedup_vs_reference"] = ref["median_ms"] / r["median_ms"]
-        if ref.get("peak_memory_mib") and r.get("peak_memory_mib"):
-            r["memory_ratio_vs_reference"] = ref["peak_memory_mib"] / r["peak_memory_mib"]
+    return rows + measure(run, case.name, "prompts", implementations(device, "zeroshot"), shape,
+                          {"flops": flops, "items": len(prompts), "item_name": "prompts"},
+                          lambda impl: (build, build), lambda out, ref: {"max_abs_diff": max_abs_diff(out, ref)})
 
 
 # ------------------------------------------------------------------------------------------------------- main
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cuda", "cpu"))
-    parser.add_argument("--quick", action="store_true", help="fewer images and prompts, fewer repetitions")
+def add_arguments(parser) -> None:
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {PARTS}")
     parser.add_argument("--preset", default=PRESET, help="a dinotxt_fast.PRESETS name (random weights: speed does "
                         "not depend on them); a tiny version of it on --device cpu")
-    parser.add_argument("--list", action="store_true", help="print the cases and exit")
-    parser.add_argument("--out", default=str(RESULTS_DIR), help="results directory")
-    add_budget_argument(parser)
-    args = parser.parse_args(argv)
+
+
+def check_arguments(parser, args) -> None:
+    from dinotxt_fast.models.config import PRESETS  # after the driver set TRITON_INTERPRET for a CPU run
+
     args.parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = sorted(set(args.parts) - set(PARTS))
     if unknown:
         parser.error(f"unknown parts {unknown}; choose from {PARTS}")
-    return parser, args
-
-
-def main(argv=None) -> int:
-    parser, args = parse_args(argv)
-    # From the start: the suite's hard limit counts the setup (environment, ceilings, the model) too.
-    budget = budget_check(args.budget_s)
-    cases: dict[str, list] = {
-        "segment": segment_cases(args.device, args.quick) if "segment" in args.parts else [],
-        "zeroshot": zeroshot_cases(args.device, args.quick) if "zeroshot" in args.parts else []}
-    if args.list:
-        for part, part_cases in cases.items():
-            for case in part_cases:
-                print(part, asdict(case))
-        return 0
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda but no CUDA device is available (use --device cpu --quick for a smoke run)")
-    if args.device == "cpu":
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the Triton kernels are imported
-    from dinotxt_fast.models.config import PRESETS
-
     if args.preset not in PRESETS:
         parser.error(f"unknown --preset {args.preset!r}; choose from {sorted(PRESETS)}")
 
-    device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # the interpreter cannot do bf16 dots
-    overrides = {} if device.type == "cuda" else TINY_MODEL
-    env = environment(device)
-    ceilings = measure_ceilings(device, args.quick)
-    model = build_model(args.preset, overrides, device, dtype)
-    rows: list[dict] = []
 
-    for run, part_cases in ((run_segment, cases["segment"]), (run_zeroshot, cases["zeroshot"])):
-        for case in part_cases:
-            try:
-                run(case, model, device, args.quick, ceilings, rows, budget)
-            except Exception as exc:  # noqa: BLE001 - e.g. its inputs do not fit: the other cases still run
-                rows.append(result(case.name, "(case setup)", skipped=error_text(exc)))
-                print_row(rows[-1])
-            free_cache(device)
-    del model
-    add_ratios(rows)
-    add_speedup_vs_reference(rows)
-    write_results("infer", rows, env, ceilings, args.out,
-                  settings={"device": args.device, "quick": args.quick, "parts": args.parts, "preset": args.preset,
-                            "model_overrides": overrides, "dtype": str(dtype).replace("torch.", ""),
-                            "budget_s": args.budget_s,
-                            "weights": "random (create_model); speed does not depend on them",
-                            "cases": {part: [asdict(c) for c in part_cases] for part, part_cases in cases.items()}},
-                  notes={
-                      "target": TARGET,
-                      "implementations": {
-                          REFERENCE: "every op on the torch backend; segmentation decoded with the full-resolution "
-                                     "eager path (mmseg slide_inference) built in this script from the same encoder "
-                                     "outputs",
-                          SDPA: "the reference with attention through F.scaled_dot_product_attention",
-                          SEGMENT_TORCH: "dtf.segment on the torch backend (banded decode, no [C, H, W] map)",
-                          "ours (triton|cuda)": "every op routed to that backend (CUDA: families without a CUDA kernel "
-                                                "run on Triton, then torch; row field `routing`; "
-                                                "`backends_used`: what each op family really ran in the checked "
-                                                "call); dtf.segment's fused decode",
-                          "ours (auto)": "the default dispatch; skipped while dispatch.AUTO_ORDER prefers torch "
-                                         "everywhere (then it is the reference)",
-                          "dtf.patch_model": "not applied: DinoTxt's attention already calls ops.attention "
-                                             "(patch_model swaps foreign attention modules), so routing is what "
-                                             "selects kernels",
-                      },
-                      "items": "segment: images per call (one batched tensor, windows batched across images); "
-                               "zero-shot images: images per call; prompts: classes x templates per call",
-                      "flops": "matmul FLOPs of the encoders (backbone + head per window / image, attention in "
-                               "full; text: 24*T*D^2 + 2*B*L^2*D per layer on the truncated length of each batch of "
-                               "256 prompts) plus the cosine logits; decoding, resizing and tokenizing not counted",
-                      "checks": "against the reference row: pixel_agreement of labels and max_abs_diff of the "
-                                "winning score (segment), top1_agreement and max_abs_diff of logits (images), "
-                                "max_abs_diff of the normalised classifier (prompts). Random weights in bf16: "
-                                "disagreements come from kernel rounding at near-ties, not a quality measure",
-                      "inputs": "images rotate through copies bigger than 2x L2 (harness.Rotation); class "
-                                "embeddings for segmentation are random [C, embed_dim] tensors (text encoding is "
-                                "the prompts part); prompts are synthetic two-word class names",
-                      "ratios": "speedup_vs_best_baseline (add_ratios) and speedup_vs_reference (the target's "
-                                "baseline), with the peak memory ratios beside them",
-                      "first_call_s": "wall time of each row's checked call, its first, synchronised: mostly JIT "
-                                      "compilation and autotuning; never part of a timing",
-                      "budget": "with --budget-s (the GPU suite's time limit), implementations not started in time "
-                                "give skipped rows saying so",
-                  })
-    return 0
+def cases(args) -> list:
+    return ((segment_cases(args.device, args.quick) if "segment" in args.parts else [])
+            + (zeroshot_cases(args.device, args.quick) if "zeroshot" in args.parts else []))
 
+
+def part(case) -> str:
+    return "segment" if isinstance(case, SegmentCase) else "zeroshot"
+
+
+def run_case(run: Run, case) -> list[dict]:
+    return (run_segment if isinstance(case, SegmentCase) else run_zeroshot)(run, case)
+
+
+def setup(run: Run):
+    """The model every implementation runs: the preset at full size on CUDA, a tiny version of it on CPU."""
+    dtype = torch.bfloat16 if run.device.type == "cuda" else torch.float32  # the interpreter cannot do bf16 dots
+    return build_model(run.args.preset, overrides(run.device), run.device, dtype)
+
+
+def overrides(device: torch.device) -> dict:
+    return {} if device.type == "cuda" else TINY_MODEL
+
+
+def settings(run: Run, case_list: list) -> dict:
+    return {"parts": run.args.parts, "preset": run.args.preset, "model_overrides": overrides(run.device),
+            "dtype": str(next(run.state.parameters()).dtype).replace("torch.", ""),
+            "weights": "random (create_model); speed does not depend on them",
+            "cases": {name: [asdict(c) for c in case_list if part(c) == name] for name in run.args.parts}}
+
+
+NOTES = {
+    "target": TARGET,
+    "implementations": {
+        REFERENCE: "every op on the torch backend; segmentation decoded with the full-resolution eager path (mmseg "
+                   "slide_inference) built in this script from the same encoder outputs",
+        SDPA: "the reference with attention through F.scaled_dot_product_attention",
+        SEGMENT_TORCH: "dtf.segment on the torch backend (banded decode, no [C, H, W] map)",
+        "ours (triton|cuda)": "every op routed to that backend (CUDA: families without a CUDA kernel run on Triton, "
+                              "then torch; row field `routing`; `backends_used`: what each op family really ran in "
+                              "the checked call); dtf.segment's fused decode",
+        "ours (auto)": "the default dispatch; skipped while dispatch.AUTO_ORDER prefers torch everywhere (then it is "
+                       "the reference)",
+        "dtf.patch_model": "not applied: DinoTxt's attention already calls ops.attention (patch_model swaps foreign "
+                           "attention modules), so routing is what selects kernels",
+    },
+    "items": "segment: images per call (one batched tensor, windows batched across images); zero-shot images: images "
+             "per call; prompts: classes x templates per call",
+    "flops": "matmul FLOPs of the encoders (backbone + head per window / image, attention in full; text: 24*T*D^2 + "
+             "2*B*L^2*D per layer on the truncated length of each batch of 256 prompts) plus the cosine logits; "
+             "decoding, resizing and tokenizing not counted",
+    "checks": "against the reference row: pixel_agreement of labels and max_abs_diff of the winning score (segment), "
+              "top1_agreement and max_abs_diff of logits (images), max_abs_diff of the normalised classifier "
+              "(prompts). Random weights in bf16: disagreements come from kernel rounding at near-ties, not a "
+              "quality measure",
+    "inputs": "images rotate through copies bigger than 2x L2 (harness.Rotation); class embeddings for segmentation "
+              "are random [C, embed_dim] tensors (text encoding is the prompts part); prompts are synthetic two-word "
+              "class names",
+    "ratios": "speedup_vs_best_baseline (add_ratios) and speedup_vs_reference (the target's baseline), with the peak "
+              "memory ratios beside them",
+    "first_call_s": "wall time of each row's checked call, its first, synchronised: mostly JIT compilation and "
+                    "autotuning; never part of a timing",
+    "budget": "with --budget-s (the GPU suite's time limit), implementations not started in time give skipped rows "
+              "saying so",
+}
+
+BENCHMARK = Benchmark("infer", __doc__, cases, run_case, describe=lambda case: f"{part(case)} {asdict(case)}",
+                      arguments=add_arguments, check=check_arguments, setup=setup,
+                      ratios=(lambda rows: add_ratios_against(rows, REFERENCE, "reference"),), settings=settings,
+                      notes=NOTES, quick_help="fewer images and prompts, fewer repetitions")
+main = BENCHMARK.main
 
 if __name__ == "__main__":
     sys.exit(main())

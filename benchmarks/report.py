@@ -9,7 +9,8 @@ Writes `<out>/REPORT.md` (a summary table per benchmark: our best implementation
 baseline measured in the same run, then every row) and `<out>/plots/<benchmark>-<machine>-{speedup,memory}.png`.
 
 The dispatch table records, per GPU model, op family and benchmark case, which of our backends measured fastest; the
-auto dispatch (dinotxt_fast.ops.dispatch) then picks per shape from it. Only GPU results feed it.
+auto dispatch (dinotxt_fast.ops.dispatch) then picks per shape from it. Only GPU results feed it: those of the
+benchmarks whose op family (benchmarks.BENCHMARKS) the dispatch matches on shape keys (dispatch.MATCH_KEYS).
 """
 from __future__ import annotations
 
@@ -22,17 +23,35 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS_DIR = ROOT / "benchmarks" / "results"
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+from benchmarks import BENCHMARKS  # noqa: E402
+from benchmarks.harness import RESULTS_DIR  # noqa: E402
+
 README = ROOT / "README.md"
 DISPATCH_FILE = ROOT / "dinotxt_fast" / "ops" / "measured_dispatch.json"
 README_START, README_END = "<!-- perf-table:start -->", "<!-- perf-table:end -->"
 OUR_BACKENDS = ("cuda", "triton", "torch")
 
-# benchmark row -> op family of the dispatch, and the shape keys the dispatch matches on (see dispatch.measured_choice)
-DISPATCH_FAMILIES = {
-    "attention": ("attention", ("seq", "head_dim", "causal")),
-    "contrastive": ("contrastive_loss", ("b_global", "dim")),
-}
+
+def dispatch_families() -> dict[str, tuple[str, tuple[str, ...]]]:
+    """{benchmark: (its op family, the shape keys the dispatch matches that family on)} for the benchmarks that can
+    steer the measured dispatch (dispatch.MATCH_KEYS: exact keys, then the size key matched to the nearest case)."""
+    from dinotxt_fast.ops.dispatch import MATCH_KEYS
+
+    families = {}
+    for name, entry in BENCHMARKS.items():
+        if entry.family in MATCH_KEYS:
+            exact, size = MATCH_KEYS[entry.family]
+            families[name] = (entry.family, tuple(exact) + ((size,) if size else ()))
+    return families
+
+
+def _order(record: dict) -> tuple:
+    """Records in the suite's order (benchmarks.BENCHMARKS), then by machine."""
+    names = list(BENCHMARKS)
+    name = record["benchmark"]
+    return (names.index(name) if name in names else len(names), name, _machine(record))
 
 
 # --------------------------------------------------------------------------------------------------------- load
@@ -54,7 +73,7 @@ def load(paths: Iterable) -> list[dict]:
                 records.append(record)
         else:
             raise FileNotFoundError(f"no such result file or folder: {path}")
-    return records + sorted(newest.values(), key=lambda r: (r["benchmark"], _machine(r)))
+    return records + sorted(newest.values(), key=_order)
 
 
 def _read(path: Path) -> Optional[dict]:
@@ -284,11 +303,11 @@ def _slug(text: str) -> str:
 def dispatch_entries(records: list[dict]) -> list[dict]:
     """Per GPU, family and case: our fastest backend (forward alone for inference, fwd+bwd or the op's one timed
     pass for training), with the runner-up's time, from GPU records only."""
-    entries = []
+    entries, families = [], dispatch_families()
     for record in records:
-        if not _is_gpu(record) or record["benchmark"] not in DISPATCH_FAMILIES:
+        if not _is_gpu(record) or record["benchmark"] not in families:
             continue
-        family, keys = DISPATCH_FAMILIES[record["benchmark"]]
+        family, keys = families[record["benchmark"]]
         groups = defaultdict(list)
         for row in record["results"]:
             backend = backend_of(row["impl"])

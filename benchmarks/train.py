@@ -24,10 +24,8 @@ largest relative difference to the reference's (`grad_max_rel_diff`).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -37,10 +35,9 @@ from typing import Callable, Optional
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-from benchmarks.harness import sdpa_attention as harness_sdpa_attention  # noqa: E402
 from benchmarks.harness import (  # noqa: E402
-    RESULTS_DIR, add_budget_argument, add_ratios, budget_check, environment, error_text, free_cache, measure_ceilings,
-    peak_memory_mib, print_row, recording_backends, result, Rotation, time_ms, write_results)
+    Benchmark, Rotation, Run, attention_through_sdpa, backend_problem, error_text, free_cache, peak_memory_mib,
+    print_row, recording_backends, result, time_ms)
 
 PASS = "step"  # forward + backward + optimizer step
 OP_FAMILIES = ("attention", "patch_pool", "contrastive_loss")  # the ops one training step calls
@@ -62,12 +59,7 @@ QUICK_CASES = CUDA_CASES[:1]
 CPU_CASES = [Case("tiny, captions 3-20 tokens", (3, 20))]
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--device", choices=("cuda", "cpu"), default=None,
-                        help="cuda: the real benchmark (default when a GPU is present); cpu: a smoke run")
-    parser.add_argument("--quick", action="store_true", help="one case and fewer repetitions")
+def add_arguments(parser) -> None:
     parser.add_argument("--config", default=None,
                         help="built-in training config name or YAML file (default: official on CUDA, tiny on CPU)")
     parser.add_argument("--batch-size", type=int, default=None,
@@ -77,18 +69,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--precision", choices=("bf16", "fp32"), default=None,
                         help="bf16 autocast or fp32 for every implementation (default: the config's on CUDA, fp32 on "
                              "CPU)")
-    parser.add_argument("--out", default=str(RESULTS_DIR), help="results directory")
-    add_budget_argument(parser)
-    args = parser.parse_args(argv)
-    if args.device is None:
-        import torch
 
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+
+def check_arguments(parser, args) -> None:
     if args.batch_size is not None and args.batch_size < 2:
         parser.error(f"--batch-size must be >= 2 (a contrastive batch), got {args.batch_size}")
     if args.image_size is not None and args.image_size < 1:
         parser.error(f"--image-size must be positive, got {args.image_size}")
-    return args
+    args.config = args.config or ("tiny" if args.device == "cpu" else "official")
+
+
+def cases(args) -> list[Case]:
+    return CPU_CASES if args.device == "cpu" else (QUICK_CASES if args.quick else CUDA_CASES)
 
 
 # ------------------------------------------------------------------------------------------------------ inputs
@@ -197,7 +189,7 @@ class Bench:
         model, lit = self.model, self.lit
 
         def step(images, ids):
-            with forced_backend(ops, backend):
+            with ops.use_backend(backend):
                 with self.autocast():
                     tokens = model.backbone_tokens(images)
                     img, txt = lit(tokens, ids)
@@ -210,7 +202,6 @@ class Bench:
         """The same model and optimizer written the plain way (see the module docstring)."""
         torch = self.torch
         F = torch.nn.functional
-        from dinotxt_fast import ops
 
         optimizer, scheduler = self.fresh_optimizer()
         model, lit = self.model, self.lit
@@ -223,7 +214,7 @@ class Bench:
             return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
 
         def step(images, ids):
-            with sdpa_attention(torch, ops), self.autocast():
+            with attention_through_sdpa(), self.autocast():
                 with torch.no_grad():
                     tokens = model.backbone(images)
                 head = model.head(tokens)  # ln_final on every token
@@ -245,80 +236,55 @@ class Bench:
         return out
 
 
-@contextlib.contextmanager
-def forced_backend(ops, backend: Optional[str]):
-    """Every op call inside runs on `backend` (None: auto), as the trainer's `backend=` key does it: through the
-    environment variable that the dispatch reads at each call. The previous value is restored."""
-    saved = os.environ.get(ops.ENV_VAR)
-    if backend is None:
-        os.environ.pop(ops.ENV_VAR, None)
-    else:
-        os.environ[ops.ENV_VAR] = backend
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop(ops.ENV_VAR, None)
-        else:
-            os.environ[ops.ENV_VAR] = saved
-
-
-@contextlib.contextmanager
-def sdpa_attention(torch, ops):
-    """Every attention call of the model goes through SDPA (harness.sdpa_attention) instead of the ops dispatch."""
-    saved = ops.attention
-    ops.attention = harness_sdpa_attention
-    try:
-        yield
-    finally:
-        ops.attention = saved
-
-
-def backend_problem(ops, name: str) -> Optional[str]:
-    """Why a forced backend cannot run the training step's ops here, or None."""
-    report = ops.backends().get(name)
-    if report is None:
-        return f"backend {name!r} is not registered"
-    if not report["available"]:
-        return f"backend {name!r} is unavailable: {report['reason']}"
-    missing = [f for f in OP_FAMILIES if f not in report["ops"]]
-    if missing:
-        return f"backend {name!r} has no {', '.join(missing)} kernel (it provides {', '.join(report['ops'])})"
-    return None
-
-
 # ------------------------------------------------------------------------------------------------------- cases
-def run_case(torch, bench: Bench, case: Case, args, device, quick: bool, ceilings: dict,
-             budget: Callable[[], Optional[str]] = lambda: None) -> list[dict]:
-    """One row per implementation; `budget()` returns a reason once the time budget is used up."""
-    from dinotxt_fast import ops
+def setup(run: Run) -> Bench:
+    """The model, its optimizer's configuration and the precision policy every implementation shares."""
+    import torch
 
+    from dinotxt_fast.train.config import load_config
+
+    args, device, cpu = run.args, run.device, run.device.type == "cpu"
+    # CPU smoke runs: a tiny batch of tiny images (the Triton interpreter takes seconds per step even so), in fp32
+    # (the interpreter's bf16 dots are wrong); CUDA keeps the config's sizes and precision policy.
+    cfg = load_config(args.config, device=device.type, batch_size=args.batch_size or (4 if cpu else None),
+                      image_size=args.image_size or (32 if cpu else None),
+                      precision=args.precision or ("fp32" if cpu else None))
+    precision = cfg.precision if cfg.precision != "auto" else ("fp32" if cpu else "bf16")
+    print(f"train benchmark on {run.env.get('gpu', run.env.get('cpu', 'cpu'))}: config {args.config}, batch "
+          f"{cfg.batch_size}, {precision}", flush=True)
+    return Bench(torch, cfg, device, precision)
+
+
+def run_case(run: Run, case: Case) -> list[dict]:
+    """One row per implementation; `run.budget()` gives a reason once the time budget is used up."""
+    import torch
+
+    bench, device = run.state, run.device
     cfg, mcfg = bench.cfg, bench.model.config
     make = make_batch_factory(torch, cfg.batch_size, cfg.image_size, mcfg.context_length, case, device, cfg.seed)
     inputs = Rotation(make, device)
-    shape = {"config": args.config, "batch": cfg.batch_size, "image_size": cfg.image_size,
+    shape = {"config": run.args.config, "batch": cfg.batch_size, "image_size": cfg.image_size,
              "patch_size": mcfg.patch_size, "vision": f"{mcfg.vision_depth}x{mcfg.vision_dim}",
              "head_blocks": mcfg.head_blocks, "text": f"{mcfg.text_layers}x{mcfg.text_dim}",
              "context_length": mcfg.context_length, "caption_tokens": list(case.caption_tokens),
              "precision": bench.precision, "drop_path": mcfg.head_drop_path, "input_copies": len(inputs)}
     work = dict(flops=step_flops(mcfg, cfg.batch_size, cfg.image_size, mcfg.head_drop_path),
-                items=cfg.batch_size, item_name="samples", ceilings=ceilings, shape=shape, pass_=PASS)
+                items=cfg.batch_size, item_name="samples", ceilings=run.ceilings, shape=shape, pass_=PASS)
     impls: list[tuple[str, Optional[str]]] = [(REFERENCE, None), ("ours (auto)", "auto"), ("ours (triton)", "triton"),
                                                ("ours (cuda)", "cuda")]
     rows, reference = [], None
     for impl, backend in impls:
-        problem = budget()
+        problem = run.budget()
         if problem is None and backend not in (None, "auto"):
-            problem = backend_problem(ops, backend)
+            problem = backend_problem(backend, OP_FAMILIES, device)
         if problem is not None:
             rows.append(result(case.name, impl, skipped=problem, shape=shape, pass_=PASS))
             print_row(rows[-1])
             continue
         try:
-            row = run_impl(torch, bench, case.name, impl, backend, inputs, device, quick, work, reference)
+            row = run_impl(torch, bench, case.name, impl, backend, inputs, device, run.quick, work, reference)
         except Exception as error:  # noqa: BLE001 - a failing implementation is a result, not a crash
-            row = result(case.name, impl, skipped=error_text(error), shape=shape,
-                         pass_=PASS)
+            row = result(case.name, impl, skipped=error_text(error), shape=shape, pass_=PASS)
         rows.append(row)
         print_row(row)
         if impl == REFERENCE and "skipped" not in row:
@@ -359,93 +325,51 @@ def run_impl(torch, bench: Bench, case: str, impl: str, backend: Optional[str], 
 
 
 # -------------------------------------------------------------------------------------------------------- main
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    # From the start: the suite's hard limit counts the setup (environment, ceilings, the model) too.
-    budget = budget_check(args.budget_s)
-    if args.device == "cpu":
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the Triton kernels are imported
-    import torch
+def settings(run: Run, case_list: list[Case]) -> dict:
+    bench = run.state
+    cfg, cuda = bench.cfg, run.device.type == "cuda"
+    return {"config": run.args.config, "preset": cfg.preset, "batch_size": cfg.batch_size,
+            "image_size": cfg.image_size, "precision": bench.precision,
+            "optimizer": f"AdamW lr {cfg.lr} betas {list(cfg.betas)} eps {cfg.eps} wd {cfg.weight_decay}"
+                         f"{' fused' if cuda else ''}, warm-up {cfg.warmup_steps} + cosine",
+            "trainable_params": sum(p.numel() for p in bench.lit.parameters() if p.requires_grad),
+            "backbone_params": sum(p.numel() for p in bench.model.backbone.parameters()),
+            "model": bench.model.config.to_dict(), "cases": [c.name for c in case_list]}
 
-    from dinotxt_fast.train.config import load_config
 
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("no CUDA device: run with --device cpu for the smoke run", file=sys.stderr)
-        return 2
-    cpu = device.type == "cpu"
-    args.config = args.config or ("tiny" if cpu else "official")
-    # CPU smoke runs: a tiny batch of tiny images (the Triton interpreter takes seconds per step even so), in fp32
-    # (the interpreter's bf16 dots are wrong); CUDA keeps the config's sizes and precision policy.
-    cfg = load_config(args.config, device=device.type, batch_size=args.batch_size or (4 if cpu else None),
-                      image_size=args.image_size or (32 if cpu else None),
-                      precision=args.precision or ("fp32" if cpu else None))
-    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    quick = args.quick or cpu
-    cases = CPU_CASES if cpu else (QUICK_CASES if args.quick else CUDA_CASES)
+NOTES = {
+    "timed call": "one full training step on a batch already on the device: forward, backward, AdamW step, "
+                  "LR schedule step, logit-scale clamp, and the trainer's one host sync for the finite-loss "
+                  "check; data loading is not included",
+    "flops": "matmul FLOPs of the eager reference's step (backbone forward; head and text tower forward + "
+             "backward as 3x forward on all context positions; batch-subset drop-path shrinks the head; causal "
+             "attention counts half; the B x B loss), the same number for every row, so TFLOP/s ratios are "
+             "speed ratios and fraction_of_matmul_peak is the model-FLOPs utilisation",
+    "items": "samples (image-caption pairs) per step",
+    "peak_memory_mib": "peak allocated during one step above what was allocated before it; resident_mib is "
+                       "that base: model, optimizer state, the previous step's gradients and the input batches",
+    "eager reference": "same model, weights, optimizer and precision: SDPA attention, ln_final on every head "
+                       "token then cls/patch-mean pooling, untruncated text, naive B x B loss",
+    "ours": "the step of dinotxt_fast.train.loop.train: backbone without autograd state, LiTModule (text "
+            "truncated to the longest EOT, keys after each EOT masked, fused LN + pooling), fused contrastive "
+            "loss; 'ours (auto)' lets the dispatch choose (backends_used), '(triton)'/'(cuda)' force one "
+            "backend for every op, as the trainer's backend= key does",
+    "check": "loss and gradient norms of one step from the initial weights on the same batch with the same "
+             "drop-path draws; max_abs_diff = |loss - reference loss|, grad_max_rel_diff = largest relative "
+             "difference of the head/text/logit-scale gradient norms",
+    "timed_calls": "calls of the step made by time_ms, warm-up included (harness.time_ms guarantees at least 5 "
+                   "timed repeats with --quick, 10 without, however long a step takes)",
+    "first_call_s": "wall time of each implementation's check step, its first: mostly JIT compilation and "
+                    "autotuning; never part of a timing",
+    "budget": "with --budget-s (the GPU suite's time limit), implementations not started in time give skipped "
+              "rows saying so",
+    "inputs": "random images and token ids (SOT, random words, EOT, zero padding) with caption lengths drawn "
+              "uniformly in the case's range; input_copies rotate so no step reads the previous one's from L2",
+}
 
-    env = environment(device)
-    ceilings = measure_ceilings(device, quick)
-    print(f"train benchmark on {env.get('gpu', env.get('cpu', 'cpu'))}: config {args.config}, batch "
-          f"{cfg.batch_size}, {precision}", flush=True)
-    bench = Bench(torch, cfg, device, precision)
-    rows = []
-    for case in cases:
-        print(f"{case.name}:", flush=True)
-        try:
-            rows += run_case(torch, bench, case, args, device, quick, ceilings,
-                             budget)
-        except Exception as error:  # noqa: BLE001 - e.g. its batches do not fit: the other cases still run
-            rows.append(result(case.name, "(case setup)", skipped=error_text(error),
-                               pass_=PASS))
-            print_row(rows[-1])
-        free_cache(device)
-    add_ratios(rows)
-    for r in rows:
-        if "speedup_vs_best_baseline" in r:
-            print(f"  {r['case'][:34]:34s} {r['impl']:34s} {r['speedup_vs_best_baseline']:.2f}x vs {r['best_baseline']}"
-                  + (f", memory {r['memory_ratio_vs_best_baseline']:.2f}x" if "memory_ratio_vs_best_baseline" in r
-                     else ""), flush=True)
-    mcfg = bench.model.config
-    settings = {"config": args.config, "preset": cfg.preset, "batch_size": cfg.batch_size,
-                "image_size": cfg.image_size, "precision": precision, "quick": args.quick, "device": str(device),
-                "optimizer": f"AdamW lr {cfg.lr} betas {list(cfg.betas)} eps {cfg.eps} wd {cfg.weight_decay}"
-                             f"{' fused' if device.type == 'cuda' else ''}, warm-up {cfg.warmup_steps} + cosine",
-                "trainable_params": sum(p.numel() for p in bench.lit.parameters() if p.requires_grad),
-                "backbone_params": sum(p.numel() for p in bench.model.backbone.parameters()),
-                "model": mcfg.to_dict(), "cases": [c.name for c in cases], "budget_s": args.budget_s}
-    notes = {
-        "timed call": "one full training step on a batch already on the device: forward, backward, AdamW step, "
-                      "LR schedule step, logit-scale clamp, and the trainer's one host sync for the finite-loss "
-                      "check; data loading is not included",
-        "flops": "matmul FLOPs of the eager reference's step (backbone forward; head and text tower forward + "
-                 "backward as 3x forward on all context positions; batch-subset drop-path shrinks the head; causal "
-                 "attention counts half; the B x B loss), the same number for every row, so TFLOP/s ratios are "
-                 "speed ratios and fraction_of_matmul_peak is the model-FLOPs utilisation",
-        "items": "samples (image-caption pairs) per step",
-        "peak_memory_mib": "peak allocated during one step above what was allocated before it; resident_mib is "
-                           "that base: model, optimizer state, the previous step's gradients and the input batches",
-        "eager reference": "same model, weights, optimizer and precision: SDPA attention, ln_final on every head "
-                           "token then cls/patch-mean pooling, untruncated text, naive B x B loss",
-        "ours": "the step of dinotxt_fast.train.loop.train: backbone without autograd state, LiTModule (text "
-                "truncated to the longest EOT, keys after each EOT masked, fused LN + pooling), fused contrastive "
-                "loss; 'ours (auto)' lets the dispatch choose (backends_used), '(triton)'/'(cuda)' force one "
-                "backend for every op, as the trainer's backend= key does",
-        "check": "loss and gradient norms of one step from the initial weights on the same batch with the same "
-                 "drop-path draws; max_abs_diff = |loss - reference loss|, grad_max_rel_diff = largest relative "
-                 "difference of the head/text/logit-scale gradient norms",
-        "timed_calls": "calls of the step made by time_ms, warm-up included (harness.time_ms guarantees at least 5 "
-                       "timed repeats with --quick, 10 without, however long a step takes)",
-        "first_call_s": "wall time of each implementation's check step, its first: mostly JIT compilation and "
-                        "autotuning; never part of a timing",
-        "budget": "with --budget-s (the GPU suite's time limit), implementations not started in time give skipped "
-                  "rows saying so",
-        "inputs": "random images and token ids (SOT, random words, EOT, zero padding) with caption lengths drawn "
-                  "uniformly in the case's range; input_copies rotate so no step reads the previous one's from L2",
-    }
-    write_results("train", rows, env, ceilings, args.out, settings=settings, notes=notes)
-    return 0
-
+BENCHMARK = Benchmark("train", __doc__, cases, run_case, arguments=add_arguments, check=check_arguments, setup=setup,
+                      settings=settings, notes=NOTES, setup_pass=PASS, quick_help="one case and fewer repetitions")
+main = BENCHMARK.main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,6 +1,7 @@
 """The dinotxt-fast CLI on tiny official-layout weight files (CPU)."""
 import json
 import os
+import types
 
 import numpy as np
 import pytest
@@ -17,9 +18,8 @@ from dinotxt_fast.inference import (
 )
 from dinotxt_fast.models.dinotxt import create_model
 from dinotxt_fast.models.tokenizer import tokenize
+from tests.inference.tiny_model import TINY, make_tiny
 
-TINY = dict(vision_dim=64, vision_depth=2, vision_heads=4, pos_embed_grid=4, text_dim=64, text_layers=2,
-            text_heads=4)
 OVERRIDES = [arg for k, v in TINY.items() for arg in ("--override", f"{k}={v}")]
 
 
@@ -27,13 +27,7 @@ OVERRIDES = [arg for k, v in TINY.items() for arg in ("--override", f"{k}={v}")]
 def files(tmp_path_factory):
     """Tiny v2 release files, two images and a label mask; the model they hold, reloaded as the CLI does."""
     root = tmp_path_factory.mktemp("cli")
-    torch.manual_seed(0)
-    model = create_model("dinov2_vitl14_reg4_dinotxt", **TINY)
-    with torch.no_grad():  # give the head weight (LayerScale starts at 1e-5)
-        for name, p in model.head.named_parameters():
-            if name.endswith("gamma"):
-                p.fill_(0.5)
-    model.export_official(root)
+    make_tiny().export_official(root)
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (60, 90, 3), dtype=np.uint8)).save(root / "a.png")
     Image.fromarray(rng.integers(0, 256, (80, 50, 3), dtype=np.uint8)).save(root / "b.jpg")
@@ -194,20 +188,20 @@ def test_dinov3_release_file(capsys, tmp_path):
     assert "dog" in out and "cat" in out
 
 
-def test_register_command_adds_a_subcommand(capsys):
-    def build(sub):
+def test_a_command_module_plugs_in(capsys, monkeypatch):
+    """A command is a module with add_parser(subparsers) and run(args), listed once in cli.COMMANDS."""
+    def add_parser(sub):
         p = sub.add_parser("hello")
         p.add_argument("--name", default="world")
-        p.set_defaults(handler=lambda args: print(f"hello {args.name}") or 0)
         return p
 
-    cli.register_command("hello")(build)
-    try:
+    hello = types.SimpleNamespace(add_parser=add_parser, run=lambda args: print(f"hello {args.name}") or 0)
+    with monkeypatch.context() as patch:
+        patch.setattr(cli, "COMMANDS", (*cli.COMMANDS, hello))
         code, out, _ = run(capsys, "hello", "--name", "dino")
         assert code == 0 and out.strip() == "hello dino"
-    finally:
-        del cli.COMMANDS["hello"]
-    assert set(cli.COMMANDS) >= {"info", "encode", "classify", "segment"}
+    names = {command.__name__.rpartition(".")[2] for command in cli.COMMANDS}
+    assert names >= {"info", "encode", "classify", "segment"}
 
 
 def test_backend_flag_routes_the_ops(capsys, files, monkeypatch):

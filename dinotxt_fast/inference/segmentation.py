@@ -1,7 +1,7 @@
 """Open-vocabulary semantic segmentation with a DinoTxt model, and the mIoU metric.
 
 The protocol is the official DINO.txt one (the DINOv3 dino.txt segmentation notebook, on the mmseg sliding-window
-inference of `EncoderDecoder.slide_inference`; DESIGN.md section 2, "Dense use"):
+inference of `EncoderDecoder.slide_inference`; docs/design.md, "Dense use"):
 
 1. resize each image so its short side is `short_side` (bicubic; the long side is int(short_side * long / short),
    as torchvision's Resize(int) computes it);

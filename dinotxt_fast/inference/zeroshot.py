@@ -26,6 +26,14 @@ def inference_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+def autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    """Autocast to `dtype` on `device`'s type; no autocast for None or float32 (the model's own precision).
+    The one switch between full and mixed precision for the CLI's commands and the trainer."""
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
 def model_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device

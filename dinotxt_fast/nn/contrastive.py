@@ -20,7 +20,8 @@ class ContrastiveLoss(nn.Module):
     Owns `logit_scale` (0-d parameter, the LOG of the scale; initialised to ln(1/0.07), the official key name).
     Call `clamp_()` after every optimizer step, as the official recipe does: it clamps the log-scale to
     [min_logit_scale, max_logit_scale] = [0, ln 100] by default. With a process `group`, each rank returns its share
-    of the global-batch loss (DESIGN.md section 3): wrap the model in DDP (or average gradients) as usual."""
+    of the global-batch loss (docs/design.md, "Distributed loss"): wrap the model in DDP (or average gradients) as
+    usual."""
 
     def __init__(self, init_logit_scale: float = INIT_LOGIT_SCALE, *, normalize: bool = True,
                  min_logit_scale: float = 0.0, max_logit_scale: float = MAX_LOGIT_SCALE):

@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import dispatch, library, reference
+from . import library, reference  # library declares the op families, then the torch backend registers them
 from .dispatch import ENV_VAR, Backend, add_kernels, backends, register_backend, resolve, use_backend
 
 __all__ = [
@@ -21,55 +21,18 @@ __all__ = [
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-register_backend(Backend(
-    name="torch",
-    kernels={
-        "attention_forward": reference.attention_forward,
-        "attention_backward": reference.attention_backward,
-        "patch_pool_forward": reference.patch_pool_forward,
-        "patch_pool_backward": reference.patch_pool_backward,
-        **reference.CONTRASTIVE_KERNELS,
-        "patch_text_logits": reference.patch_text_logits,
-        "upsample_argmax": reference.upsample_argmax,
-        "slide_decode": reference.slide_decode,
-    },
-    probe=lambda: (True, "PyTorch reference (any device, float64-capable)"),
-))
 
-
-def _triton_probe() -> tuple[bool, str]:
-    import triton
-
-    if torch.cuda.is_available():
-        return True, f"Triton {triton.__version__}"
-    return True, (f"Triton {triton.__version__}; no CUDA device here, so its kernels run only on CPU tensors under "
-                  "TRITON_INTERPRET=1 (slow; for tests)")
-
-
-def _cuda_probe() -> tuple[bool, str]:
-    from .. import _ext
-
-    if _ext.extension() is None:
-        return False, f"the compiled extension dinotxt_fast._C is unavailable: {_ext.extension_error()}"
-    info = _ext.cuda_info()
-    if not info.get("device_count"):
-        return False, f"_C is built, but no usable CUDA device: {info.get('error') or 'none found'}"
-    return True, f"dinotxt_fast._C for CUDA archs {info.get('compiled_archs')}"
-
-
-def _register_kernel_backends() -> None:
-    """Import the Triton and CUDA kernel packages (each family registers itself), when their toolchains exist."""
+def _import_kernel_backends() -> None:
+    """Import the kernel backend packages (each declares its probe; its family modules register their kernels):
+    Triton when it is installed, the CUDA kernels of the compiled extension (registered only where dinotxt_fast._C
+    has them)."""
     try:
         import triton  # noqa: F401
     except ImportError:
         pass
     else:
         from . import triton as _triton_kernels  # noqa: F401
-        if "triton" in dispatch.registered():
-            dispatch.registered()["triton"].probe = _triton_probe
-    from . import cuda as _cuda_kernels  # noqa: F401
-    if "cuda" in dispatch.registered():
-        dispatch.registered()["cuda"].probe = _cuda_probe
+    from . import cuda  # noqa: F401  (after triton: its attention backward is the Triton one, found by dispatch)
 
 
 def _check(op: str, name: str, t: Tensor, ndim: int, layout: str, dtypes=_FLOATS) -> None:
@@ -105,7 +68,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: O
         raise ValueError(f"attention: incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
                          "(need q [B,Nq,H,Dh], k [B,Nk,H,Dh], v [B,Nk,H,Dv])")
     if causal and q.shape[1] != k.shape[1]:
-        raise ValueError(f"attention: causal attention needs as many queries as keys, got {q.shape[1]} and {k.shape[1]}")
+        raise ValueError(f"attention: causal attention needs as many queries as keys, got {q.shape[1]} and "
+                         f"{k.shape[1]}")
     if min(q.shape[1], k.shape[1]) == 0 or min(q.shape[3], v.shape[3]) == 0:
         raise ValueError(f"attention: empty sequence or head dim (q {tuple(q.shape)}, k {tuple(k.shape)}, "
                          f"v {tuple(v.shape)})")
@@ -121,10 +85,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: O
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     name = resolve("attention", backend, q, causal=causal, head_dim=q.shape[-1], value_dim=v.shape[-1],
                    lengths=lengths is not None, batch_heads=q.shape[0] * q.shape[2], seq=q.shape[1], grad=grad)
-    if name == "torch" and not grad and reference.sdpa_forward_applies(q):
+    if name == "torch" and not grad and reference.attention.sdpa_forward_applies(q):
         # Inference on the torch backend needs no log-sum-exp: PyTorch's own fused SDPA kernels, not the chunked
         # fp32 reference (which exists to return the lse the backward reads, and as the float64 oracle).
-        return reference.attention_forward_sdpa(q, k, v, bool(causal), scale, lengths)
+        return reference.attention.attention_forward_sdpa(q, k, v, bool(causal), scale, lengths)
     return library.attention_fwd(q, k, v, bool(causal), scale, lengths, name)[0]
 
 
@@ -158,10 +122,11 @@ def contrastive_loss(img: Tensor, txt: Tensor, logit_scale: Tensor, *, normalize
     """Symmetric InfoNCE `0.5 * (CE(s, diag) + CE(s^T, diag))` with `s = exp(logit_scale) * img @ txt^T`.
 
     img, txt [B_local, E]; logit_scale is the LOG of the scale (0-d or 1-element tensor). Never forms the B x B
-    logits (tiled kernels with online log-sum-exps; see reference.py). With a process `group` (every rank passing the
-    same [B_local, E]), returns this rank's share of the global-batch loss: its rows against the all-gathered texts,
-    column log-sum-exps merged over ranks, text gradients reduce-scattered (DESIGN.md section 3: averaging gradients
-    over ranks reproduces the single-process step). Returns a 0-d fp32 tensor (fp64 for fp64 inputs)."""
+    logits (tiled kernels with online log-sum-exps; see contrastive_tiles.py). With a process `group` (every rank
+    passing the same [B_local, E]), returns this rank's share of the global-batch loss: its rows against the
+    all-gathered texts, column log-sum-exps merged over ranks, text gradients reduce-scattered (averaging gradients
+    over ranks reproduces the single-process step; docs/design.md, "Distributed loss"). Returns a 0-d fp32 tensor
+    (fp64 for fp64 inputs)."""
     _check("contrastive_loss", "img", img, 2, "[B, E]")
     _check("contrastive_loss", "txt", txt, 2, "[B, E]")
     _same("contrastive_loss", img=img, txt=txt)
@@ -255,4 +220,4 @@ def slide_decode(window_logits: Tensor, boxes, canvas_size: Sequence[int], size:
     return (labels, scores) if return_scores else labels
 
 
-_register_kernel_backends()
+_import_kernel_backends()

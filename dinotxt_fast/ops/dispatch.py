@@ -1,14 +1,16 @@
 """Backend registry and selection.
 
-A backend is a named set of kernels, one per entry of KERNELS, plus an availability probe and optional
-per-family support checks (dtype, head dim, shape). Kernel modules plug in with `add_kernels`. The registered custom ops (library.py) look their kernel up here
-by the backend name they were called with, so the choice is made once, in Python, before the op is traced.
+An op family (attention, patch_pool, ...) is a named tuple of kernel names, declared once by library.py next to its
+custom ops (`declare_family`). A backend is a named set of kernels, plus an availability probe and optional
+per-family support checks (dtype, head dim, shape): each backend package declares itself (`declare_backend`) and its
+family modules plug their kernels in with `add_kernels`. The registered custom ops (library.py) look their kernel up
+here by the backend name they were called with, so the choice is made once, in Python, before the op is traced.
 
 Selection (`resolve`): an explicit `backend=` argument wins, then the innermost `use_backend(...)` block, then the
-DINOTXT_FAST_BACKEND environment variable, then "auto": CPU tensors always get "torch"; CUDA tensors get the backend that measured fastest for this GPU model and
-the nearest benchmarked shape (measured_dispatch.json, generated from GPU benchmark results by
-`python -m benchmarks.report --update-dispatch`), else the first backend in AUTO_ORDER that is registered,
-available and supports the call.
+DINOTXT_FAST_BACKEND environment variable, then "auto": CPU tensors always get "torch"; CUDA tensors get the backend
+that measured fastest for this GPU model and the nearest benchmarked shape (measured_dispatch.json, generated from GPU
+benchmark results by `python -m benchmarks.report --update-dispatch`), else the first backend in AUTO_ORDER that is
+registered, available and supports the call (docs/design.md, "Dispatch").
 """
 from __future__ import annotations
 
@@ -27,23 +29,29 @@ import torch
 ENV_VAR = "DINOTXT_FAST_BACKEND"
 KNOWN_BACKENDS = ("torch", "triton", "cuda")
 
-# Op family -> the kernels a backend provides for it (the first one is required, the rest come with it).
-KERNELS: dict[str, tuple[str, ...]] = {
-    "attention": ("attention_forward", "attention_backward"),
-    "patch_pool": ("patch_pool_forward", "patch_pool_backward"),
-    # partial_*: local rows against all columns (the distributed path); see reference.py.
-    "contrastive_loss": ("contrastive_forward", "contrastive_backward", "contrastive_partial_forward",
-                         "contrastive_partial_backward"),
-    "patch_text_logits": ("patch_text_logits",),
-    "upsample_argmax": ("upsample_argmax",),
-    "slide_decode": ("slide_decode",),
-}
+# Op family -> the kernels a backend provides for it (the first one is required, the rest come with it); filled by
+# declare_family.
+FAMILIES: dict[str, tuple[str, ...]] = {}
 
 # Fallback preference for backend=None on CUDA tensors, per family, when measured_dispatch.json has no entry for this
 # GPU and call (backends not registered are skipped). A kernel backend enters it only once GPU benchmarks have
 # measured it fastest for that family on every shape. None has been measured yet, so auto keeps the reference; opt in
 # to the kernels with backend="triton" / "cuda" or DINOTXT_FAST_BACKEND.
-AUTO_ORDER: dict[str, tuple[str, ...]] = {family: ("torch",) for family in KERNELS}
+AUTO_ORDER: dict[str, tuple[str, ...]] = {}
+
+# Per family with benchmarked shapes: call-info keys that must equal the benchmarked case's, and the size key
+# matched to the nearest case (by log ratio). benchmarks/report.py writes the same keys into each entry's "shape".
+MATCH_KEYS: dict[str, tuple[tuple[str, ...], Optional[str]]] = {}
+
+
+def declare_family(family: str, kernels: tuple[str, ...],
+                   match_keys: Optional[tuple[tuple[str, ...], Optional[str]]] = None) -> None:
+    """Declare op family `family` and the names of its kernels (forward first); `match_keys` as in MATCH_KEYS when
+    the family has benchmarked shapes the auto choice can match."""
+    FAMILIES[family] = tuple(kernels)
+    AUTO_ORDER.setdefault(family, ("torch",))
+    if match_keys is not None:
+        MATCH_KEYS[family] = match_keys
 
 
 @dataclass
@@ -62,7 +70,7 @@ class Backend:
         return self._status
 
     def families(self) -> list[str]:
-        return [family for family, names in KERNELS.items() if names[0] in self.kernels]
+        return [family for family, names in FAMILIES.items() if names[0] in self.kernels]
 
     def unsupported(self, family: str, tensor: torch.Tensor, info: dict) -> Optional[str]:
         check = self.supports.get(family)
@@ -73,7 +81,7 @@ _REGISTRY: dict[str, Backend] = {}
 
 
 def _check_whole_families(name: str, kernels: dict) -> None:
-    for family, names in KERNELS.items():
+    for family, names in FAMILIES.items():
         present = [n for n in names if n in kernels]
         if present and len(present) != len(names):
             raise ValueError(f"backend {name!r} registers {present} for {family!r} but not all of {names}")
@@ -85,19 +93,29 @@ def register_backend(backend: Backend) -> None:
     _REGISTRY[backend.name] = backend
 
 
+def declare_backend(name: str, probe: Callable[[], tuple[bool, str]]) -> None:
+    """Declare backend `name` with its availability probe (before its families add their kernels); a backend
+    declared again keeps its kernels and takes the new probe."""
+    backend = _REGISTRY.get(name)
+    if backend is None:
+        _REGISTRY[name] = Backend(name, {}, probe)
+    else:
+        backend.probe, backend._status = probe, None
+
+
 def add_kernels(name: str, family: str, kernels: dict[str, Callable],
                 supports: Optional[Callable[[torch.Tensor, dict], Optional[str]]] = None,
                 probe: Optional[Callable[[], tuple[bool, str]]] = None) -> None:
     """Register one family's kernels with backend `name` (created on first use), so that each kernel module
     plugs itself in without knowing the others."""
-    if set(kernels) != set(KERNELS[family]):
-        raise ValueError(f"backend {name!r}: family {family!r} needs exactly the kernels {KERNELS[family]}, "
+    if family not in FAMILIES:
+        raise ValueError(f"backend {name!r}: unknown op family {family!r}; declared: {sorted(FAMILIES)}")
+    if set(kernels) != set(FAMILIES[family]):
+        raise ValueError(f"backend {name!r}: family {family!r} needs exactly the kernels {FAMILIES[family]}, "
                          f"got {sorted(kernels)}")
-    backend = _REGISTRY.get(name)
-    if backend is None:
-        backend = _REGISTRY[name] = Backend(name, {}, probe or (lambda: (True, "")))
-    elif probe is not None:
-        backend.probe, backend._status = probe, None
+    if probe is not None or name not in _REGISTRY:
+        declare_backend(name, probe or (lambda: (True, "")))
+    backend = _REGISTRY[name]
     backend.kernels.update(kernels)
     if supports is not None:
         backend.supports[family] = supports
@@ -125,7 +143,7 @@ def _device_problem(name: str, tensor: torch.Tensor) -> Optional[str]:
 
 def _problem(name: str, family: str, tensor: torch.Tensor, info: dict) -> Optional[str]:
     backend = _REGISTRY.get(name)
-    if backend is None:
+    if backend is None or (name in KNOWN_BACKENDS and not backend.kernels):  # declared, but nothing to register
         if name in KNOWN_BACKENDS:
             return f"backend {name!r} has no kernels in this build"
         return f"unknown backend {name!r}; choose from {sorted(set(KNOWN_BACKENDS) | set(_REGISTRY))} or None (auto)"
@@ -139,12 +157,6 @@ def _problem(name: str, family: str, tensor: torch.Tensor, info: dict) -> Option
 
 # ------------------------------------------------------------------------------------ measured per-shape choice
 MEASURED_FILE = Path(__file__).with_name("measured_dispatch.json")
-# Per family: call-info keys that must equal the benchmarked case's, and the size key matched to the nearest case
-# (by log ratio). benchmarks/report.py writes the same keys into each entry's "shape".
-MATCH_KEYS: dict[str, tuple[tuple[str, ...], Optional[str]]] = {
-    "attention": (("head_dim", "causal"), "seq"),
-    "contrastive_loss": (("dim",), "b_global"),
-}
 
 
 @lru_cache(maxsize=None)
@@ -239,7 +251,7 @@ def backends() -> dict[str, dict]:
     report = {}
     for name in sorted(set(KNOWN_BACKENDS) | set(_REGISTRY)):
         backend = _REGISTRY.get(name)
-        if backend is None:
+        if backend is None or not backend.kernels:
             report[name] = {"available": False, "reason": "no kernels for this backend in this build", "ops": []}
             continue
         usable, reason = backend.status()

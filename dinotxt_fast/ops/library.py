@@ -1,8 +1,10 @@
-"""The `torch.library` registration of every op: `torch.ops.dinotxt_fast.*`.
+"""The `torch.library` registration of every op: `torch.ops.dinotxt_fast.*`, and each op family's kernel names.
 
 Each op takes the backend name as its last argument and runs that backend's kernel, so `torch.compile` sees one
 opaque node per op (no graph break) and the backward is a registered op too. Fake (meta) implementations give
-shapes and dtypes; outputs are always contiguous, whatever the strides of the inputs.
+shapes and dtypes; outputs are always contiguous, whatever the strides of the inputs. Every family declares the
+kernels a backend provides for it (dispatch.declare_family) here, next to the custom ops that call them
+(docs/design.md, "Op families").
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import torch
 from torch import Tensor
 
 from . import dispatch
-from .reference import accumulation_dtype
+from .planning import accumulation_dtype
 
 NAMESPACE = "dinotxt_fast"
 
@@ -34,6 +36,10 @@ def _empty(shape, like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------------- attention
+dispatch.declare_family("attention", ("attention_forward", "attention_backward"),
+                        match_keys=(("head_dim", "causal"), "seq"))
+
+
 @torch.library.custom_op(f"{NAMESPACE}::attention_fwd", mutates_args=())
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, lengths: Optional[Tensor],
                   backend: str) -> tuple[Tensor, Tensor]:
@@ -76,6 +82,9 @@ attention_fwd.register_autograd(_attention_backward, setup_context=_attention_se
 
 
 # ------------------------------------------------------------------------------------------------ patch pooling
+dispatch.declare_family("patch_pool", ("patch_pool_forward", "patch_pool_backward"))
+
+
 @torch.library.custom_op(f"{NAMESPACE}::patch_pool_fwd", mutates_args=())
 def patch_pool_fwd(tokens: Tensor, num_registers: int, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
                    eps: float, normalize: bool, backend: str) -> Tensor:
@@ -89,10 +98,10 @@ def _(tokens, num_registers, ln_weight, ln_bias, eps, normalize, backend):
 
 @torch.library.custom_op(f"{NAMESPACE}::patch_pool_bwd", mutates_args=())
 def patch_pool_bwd(grad_out: Tensor, tokens: Tensor, num_registers: int, ln_weight: Optional[Tensor],
-                   ln_bias: Optional[Tensor], eps: float, normalize: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+                   ln_bias: Optional[Tensor], eps: float, normalize: bool,
+                   backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """(d_tokens, d_ln_weight, d_ln_bias); the last two are empty when there is no LayerNorm weight / bias."""
-    grads = _run(backend, "patch_pool_backward", grad_out, tokens, num_registers, ln_weight, ln_bias, eps,
-                                                        normalize)
+    grads = _run(backend, "patch_pool_backward", grad_out, tokens, num_registers, ln_weight, ln_bias, eps, normalize)
     return tuple(g if g is not None else tokens.new_empty(0) for g in grads)
 
 
@@ -122,6 +131,12 @@ patch_pool_fwd.register_autograd(_patch_pool_backward, setup_context=_patch_pool
 
 
 # --------------------------------------------------------------------------------------------- contrastive loss
+# partial_*: local rows against all columns (the distributed path); see contrastive_tiles.py.
+dispatch.declare_family("contrastive_loss", ("contrastive_forward", "contrastive_backward",
+                                             "contrastive_partial_forward", "contrastive_partial_backward"),
+                        match_keys=(("dim",), "b_global"))
+
+
 @torch.library.custom_op(f"{NAMESPACE}::contrastive_fwd", mutates_args=())
 def contrastive_fwd(img: Tensor, txt: Tensor, logit_scale: Tensor, normalize: bool,
                     backend: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -184,7 +199,7 @@ def contrastive_partial_bwd(img: Tensor, txt: Tensor, logit_scale: Tensor, lse_r
                             backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """(d_img [M, E], g_txt [N, E] w.r.t. the normalised columns (fp32/fp64), d_logit_scale)."""
     return _run(backend, "contrastive_partial_backward", img, txt, logit_scale, lse_rows, lse_cols, row_coef,
-                                                                col_coef, normalize, diag_offset)
+                col_coef, normalize, diag_offset)
 
 
 @contrastive_partial_bwd.register_fake
@@ -201,7 +216,7 @@ def _has_reduce_scatter(group, tensor: Tensor) -> bool:
 
 
 class ContrastiveDistributed(torch.autograd.Function):
-    """This rank's share of the global-batch loss through the partial kernels (see DESIGN.md section 3).
+    """This rank's share of the global-batch loss through the partial kernels (docs/design.md, "Distributed loss").
 
     Forward: all-gather the texts (no autograd), local images against all texts -> row log-sum-exps (complete) and
     partial column log-sum-exps, merged over ranks by one all-gather of [B_global] per rank. Backward: the local
@@ -232,7 +247,7 @@ class ContrastiveDistributed(torch.autograd.Function):
     def backward(ctx, grad_loss):
         import torch.distributed as dist
 
-        from .reference import contrastive_normalize_backward
+        from .reference.contrastive import contrastive_normalize_backward
 
         img, txt, txt_all, logit_scale, lse_rows, lse_cols = ctx.saved_tensors
         group = ctx.group
@@ -261,6 +276,12 @@ def contrastive_distributed(img: Tensor, txt: Tensor, logit_scale: Tensor, norma
 
 
 # -------------------------------------------------------------------------------- dense decode (inference only)
+# One kernel each, named as its op.
+dispatch.declare_family("patch_text_logits", ("patch_text_logits",))
+dispatch.declare_family("upsample_argmax", ("upsample_argmax",))
+dispatch.declare_family("slide_decode", ("slide_decode",))
+
+
 @torch.library.custom_op(f"{NAMESPACE}::patch_text_logits", mutates_args=())
 def patch_text_logits(patches: Tensor, text: Tensor, backend: str) -> Tensor:
     return _run(backend, "patch_text_logits", patches, text)

@@ -8,9 +8,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
 import yaml
 
 from ..models.config import PRESETS, DinoTxtConfig
+
+# The autocast dtype of each resolved `precision` ("auto" resolves to one of these; None: no autocast).
+PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp32": None}
 
 
 class ConfigError(ValueError):
@@ -85,7 +89,7 @@ class TrainConfig:
             raise ConfigError(f"drop_path: must be in [0, 1), got {self.drop_path}")
         if self.backend not in (None, "auto", "torch", "triton", "cuda"):
             raise ConfigError(f"backend: must be one of torch, triton, cuda or null (auto), got {self.backend!r}")
-        for name, choices in (("precision", ("auto", "bf16", "fp32")), ("device", ("auto", "cpu", "cuda"))):
+        for name, choices in (("precision", ("auto", *PRECISION_DTYPES)), ("device", ("auto", "cpu", "cuda"))):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{name}: must be one of {choices}, got {getattr(self, name)!r}")
 

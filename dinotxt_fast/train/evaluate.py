@@ -1,12 +1,11 @@
 """Periodic evaluation during training: zero-shot top-1 and open-vocabulary segmentation mIoU."""
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from ..inference import ZeroShotClassifier, mean_iou, segment
-from .config import TrainConfig
+from ..inference.zeroshot import autocast
+from .config import PRECISION_DTYPES, TrainConfig
 from .data import build_segmentation_set, build_zero_shot_set
 
 
@@ -16,8 +15,7 @@ class Evaluator:
 
     def __init__(self, model, cfg: TrainConfig, device: torch.device, precision: str):
         self.model, self.device = model, device
-        self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
-                         else contextlib.nullcontext())
+        self.autocast = autocast(device, PRECISION_DTYPES[precision])
         self.zero_shot = build_zero_shot_set(cfg.eval_data, cfg.image_size, num_samples=cfg.eval_samples,
                                              seed=cfg.seed, num_workers=min(cfg.num_workers, 4))
         synthetic = (cfg.eval_data or "").startswith("synthetic")

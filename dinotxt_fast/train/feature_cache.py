@@ -16,7 +16,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .config import TrainConfig
+from ..inference.zeroshot import autocast
+from .config import PRECISION_DTYPES, TrainConfig
 from .data import GlobalBatchSampler, ShardSource, build_dataset, make_loader
 
 
@@ -101,10 +102,8 @@ def _build(model, cfg, directory: Path, device, precision, fingerprint: dict, pr
             from tqdm.auto import tqdm
 
             bar = tqdm(total=hi - lo, desc=f"feature cache (rank 0 of {d.world})", unit="img")
-        autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
-                    else torch.autocast(device.type, enabled=False))
         row = lo
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), autocast(device, PRECISION_DTYPES[precision]):
             for images, batch_ids in loader:
                 out = model.backbone_tokens(images.to(device))
                 tokens[row:row + len(out)] = out.to(torch.float16).cpu().numpy()

@@ -1,9 +1,10 @@
 """CUDA fused attention forward (dinotxt_fast._C.attention_forward) with the Triton backward: the "cuda" backend's
 attention family.
 
-Same contract as reference.attention_forward: o [B, Nq, H, Dh] in q's dtype (contiguous) and lse fp32 [B, H, Nq], the
-natural-log log-sum-exp of the scaled scores, which is what the Triton backward (ops.triton.attention) reads; so
-`backend="cuda"` runs this forward and that backward. fp16/bf16, Dh = Dv in {64, 128}, any N, [B, N, H, Dh] inputs
+Same contract as reference/attention.py's attention_forward: o [B, Nq, H, Dh] in q's dtype (contiguous) and lse fp32
+[B, H, Nq], the natural-log log-sum-exp of the scaled scores, which is what the Triton backward reads; so
+`backend="cuda"` runs this forward and the "triton" backend's attention_backward, looked up in the dispatch at call
+time (this module never imports the Triton one). fp16/bf16, Dh = Dv in {64, 128}, any N, [B, N, H, Dh] inputs
 with any batch/token/head strides (views of a fused qkv projection are read in place).
 
 Two kernels: "sm80" (mma.sync, any compute capability >= 8.0) and "sm90" (wgmma + TMA, H100/H200 only, when the module
@@ -18,12 +19,14 @@ from typing import Optional
 import torch
 
 from ... import _ext
-from ..dispatch import add_kernels
+from .. import dispatch
+from ..planning import DTYPE_CODES
+from . import require_extension
 
 PATH_ENV_VAR = "DINOTXT_FAST_ATTENTION_PATH"
 PATH_CODES = {"auto": 0, "sm80": 1, "sm90": 2}
 PATH_NAMES = {code: name for name, code in PATH_CODES.items()}
-DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2}
+ATTENTION_DTYPES = (torch.float16, torch.bfloat16)
 HEAD_DIMS = (64, 128)
 MAX_BATCH_HEADS = 2**31 - 1
 _VECTOR = 8  # elements per 16-byte vector: addresses and strides the kernels read must be multiples of it
@@ -40,10 +43,7 @@ def requested_path() -> str:
 
 
 def _extension():
-    ext = _ext.extension()
-    if ext is None:
-        raise RuntimeError(f"the CUDA attention kernels need dinotxt_fast._C: {_ext.extension_error()}")
-    return ext
+    return require_extension("attention")
 
 
 def _validate(q, k, v, causal: bool, lengths) -> None:
@@ -59,7 +59,7 @@ def _validate(q, k, v, causal: bool, lengths) -> None:
                          f"v {tuple(v.shape)} (need q [B,Nq,H,Dh], k [B,Nk,H,Dh], v [B,Nk,H,Dh])")
     if q.numel() == 0 or k.numel() == 0:
         raise ValueError(f"attention (cuda): empty inputs q {tuple(q.shape)}, k {tuple(k.shape)}")
-    if q.dtype not in DTYPE_CODES or k.dtype != q.dtype or v.dtype != q.dtype:
+    if q.dtype not in ATTENTION_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"attention (cuda): q, k, v must all be float16 or all bfloat16, got {q.dtype}, {k.dtype}, "
                         f"{v.dtype}")
     if d not in HEAD_DIMS or v.shape[3] != d:
@@ -129,7 +129,7 @@ def supports(tensor: torch.Tensor, info: dict) -> Optional[str]:
     """None when the CUDA kernel can run the call (q as `tensor`), else why not."""
     if tensor.device.type != "cuda":
         return f"the CUDA attention kernel needs CUDA tensors, got a tensor on {tensor.device}"
-    if tensor.dtype not in DTYPE_CODES:
+    if tensor.dtype not in ATTENTION_DTYPES:
         return f"the CUDA attention kernel takes fp16 or bf16, got {tensor.dtype}"
     d, dv = info.get("head_dim", tensor.shape[-1]), info.get("value_dim", tensor.shape[-1])
     if d != dv or d not in HEAD_DIMS:
@@ -142,17 +142,18 @@ def supports(tensor: torch.Tensor, info: dict) -> Optional[str]:
     return None
 
 
-def _triton_backward():
-    """The Triton attention backward (it reads this forward's lse), or None without Triton."""
-    try:
-        from ..triton.attention import attention_backward
-    except ImportError:
-        return None
-    return attention_backward
+def attention_backward(grad_o, q, k, v, o, lse, causal: bool, scale: float, lengths=None):
+    """The "cuda" backend's attention_backward: the "triton" backend's, which reads this forward's lse."""
+    return dispatch.get_kernel("triton", "attention_backward")(grad_o, q, k, v, o, lse, causal, scale, lengths)
+
+
+def _triton_has_attention() -> bool:
+    """Whether the Triton backend (imported before this package, see ops/__init__.py) registered its attention."""
+    triton = dispatch.registered().get("triton")
+    return triton is not None and "attention" in triton.families()
 
 
 _C = _ext.extension()
-_backward = _triton_backward() if _C is not None and hasattr(_C, "attention_forward") else None
-if _backward is not None:
-    add_kernels("cuda", "attention", {"attention_forward": attention_forward, "attention_backward": _backward},
-                supports=supports)
+if _C is not None and hasattr(_C, "attention_forward") and _triton_has_attention():
+    dispatch.add_kernels("cuda", "attention", {"attention_forward": attention_forward,
+                                               "attention_backward": attention_backward}, supports=supports)

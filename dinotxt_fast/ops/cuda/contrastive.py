@@ -1,28 +1,26 @@
-"""CUDA contrastive loss (dinotxt_fast._C.contrastive_*): the tile primitives of reference.ContrastiveTiles, so the
-partial kernels and the single-process loss follow exactly the contract (and host driver) of the torch and Triton
-backends. See csrc/contrastive/contrastive.h for the kernels."""
+"""CUDA contrastive loss (dinotxt_fast._C.contrastive_*): the tile primitives of contrastive_tiles.ContrastiveTiles,
+so the partial kernels and the single-process loss follow exactly the contract (and host driver) of the torch and
+Triton backends. See csrc/contrastive/contrastive.h for the kernels."""
 from __future__ import annotations
-
-import math
 
 import torch
 
 from ... import _ext
-from .. import reference
+from ..contrastive_tiles import KernelTiles, tiled_dtype_problem, tiled_kernels, unit_norms
 from ..dispatch import add_kernels
+from . import require_extension
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 TILE = 64  # csrc/contrastive: kTile
 # About this many (row chunk, column chunk) blocks for big problems (see the Triton module for the trade-off).
 TARGET_BLOCKS = 2048
 PANEL_BYTES = 64 << 20  # the backward's dS panel buffer
+# Every output is allocated through this, so that tests can poison it (NaN).
+_empty = torch.empty
 
 
 def _extension():
-    ext = _ext.extension()
-    if ext is None:
-        raise RuntimeError(f"the CUDA contrastive kernels need dinotxt_fast._C: {_ext.extension_error()}")
-    return ext
+    return require_extension("contrastive")
 
 
 def _dtype_name(t: torch.Tensor) -> str:
@@ -47,30 +45,14 @@ def _vector(t: torch.Tensor, name: str, device: torch.device, dtype: torch.dtype
     return t.detach().reshape(-1).to(dtype).contiguous()
 
 
-def _round_up(x: int, unit: int) -> int:
-    return -(-x // unit) * unit
-
-
-class CudaTiles(reference.ContrastiveTiles):
-    def chunks(self, m, n):
-        side = max(TILE, round(math.sqrt(m * n / TARGET_BLOCKS) / TILE) * TILE)
-        return min(side, _round_up(m, TILE)), min(side, _round_up(n, TILE))
-
-    def panel_columns(self, m, n, col_chunk, dtype):
-        columns = PANEL_BYTES // (max(1, m) * torch.finfo(dtype).bits // 8)
-        return max(col_chunk, columns // col_chunk * col_chunk)
-
-    def ds_dtype(self, dtype):
-        return dtype
-
+class CudaTiles(KernelTiles):
     def row_norms(self, x, normalize):
-        rows, dim = x.shape
         if not normalize:
-            ones = torch.ones(rows, dtype=torch.float32, device=x.device)
-            return ones, ones
+            return unit_norms(x)
         x = _rows(x, "x", x.device)
-        inv = torch.empty(rows, dtype=torch.float32, device=x.device)
-        norm = torch.empty_like(inv)
+        rows, dim = x.shape
+        inv = _empty(rows, dtype=torch.float32, device=x.device)
+        norm = _empty(rows, dtype=torch.float32, device=x.device)
         with torch.cuda.device(x.device):
             _extension().contrastive_row_norms(_dtype_name(x), x.data_ptr(), rows, dim, x.stride(0), inv.data_ptr(),
                                                norm.data_ptr(), _ext.current_stream_ptr(x.device))
@@ -132,7 +114,7 @@ class CudaTiles(reference.ContrastiveTiles):
         if g.dtype != torch.float32 or g.shape != x.shape:
             raise ValueError(f"contrastive_loss (cuda): the gradient must be fp32 {tuple(x.shape)}, got {g.dtype} "
                              f"{tuple(g.shape)}")
-        out = torch.empty(x.shape, dtype=x.dtype, device=device)
+        out = _empty(x.shape, dtype=x.dtype, device=device)
         rows, dim = x.shape
         with torch.cuda.device(device):
             _extension().contrastive_normalize_backward(_dtype_name(x), g.data_ptr(), x.data_ptr(), out.data_ptr(),
@@ -141,12 +123,12 @@ class CudaTiles(reference.ContrastiveTiles):
         return out
 
 
-TILES = CudaTiles()
-KERNELS = reference.tiled_kernels(TILES)
+TILES = CudaTiles(TILE, TARGET_BLOCKS, PANEL_BYTES)
+KERNELS = tiled_kernels(TILES)
 
 
 def supports(tensor: torch.Tensor, info: dict):
-    return reference.tiled_dtype_problem("CUDA", tensor.dtype)
+    return tiled_dtype_problem("CUDA", tensor.dtype)
 
 
 _C = _ext.extension()

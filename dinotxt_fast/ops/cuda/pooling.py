@@ -1,36 +1,22 @@
-"""CUDA patch pooling (dinotxt_fast._C.pool_*), same contract as reference.patch_pool_forward/backward; also the
-split heuristic shared with the Triton kernels (host-side, no CUDA needed)."""
+"""CUDA patch pooling (dinotxt_fast._C.pool_*), same contract as reference/pooling.py's patch_pool_forward /
+patch_pool_backward; the row split heuristic is planning.row_splits, shared with the Triton kernels."""
 from __future__ import annotations
 
 import torch
 
 from ... import _ext
 from ..dispatch import add_kernels
+from ..planning import DTYPE_CODES, cdiv, pooling_supports, row_splits
+from . import require_extension
 
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 MAX_DIM = 1536  # a token row lives in the registers of one warp
 _SUM_ROWS = 256
 # Every output and workspace is allocated through this, so that tests can poison them (NaN / -1).
 _empty = torch.empty
 
 
-def row_splits(batch: int, rows: int, device: torch.device) -> tuple[int, int]:
-    """(splits, rows per split) of each image's `rows` token rows: enough blocks to fill the GPU when the batch is
-    small (a fixed function of the shape, so the partial sums, and the result, are deterministic)."""
-    if device.type == "cuda":
-        target, min_rows = 4 * torch.cuda.get_device_properties(device).multi_processor_count, 32
-    else:  # Triton's CPU interpreter: small, so that tests at small B exercise the split path
-        target, min_rows = 4, 16
-    splits = max(1, min(-(-target // batch), -(-rows // min_rows)))
-    per = -(-rows // splits)
-    return -(-rows // per), per
-
-
 def _extension():
-    ext = _ext.extension()
-    if ext is None:
-        raise RuntimeError(f"the CUDA pooling kernels need dinotxt_fast._C: {_ext.extension_error()}")
-    return ext
+    return require_extension("pooling")
 
 
 def _check(tokens: torch.Tensor) -> torch.Tensor:
@@ -60,7 +46,7 @@ def sum_rows(ext, part: torch.Tensor) -> torch.Tensor:
     stream = _ext.current_stream_ptr(part.device)
     while part.shape[0] > 1:
         n, m = part.shape
-        chunks = -(-n // _SUM_ROWS)
+        chunks = cdiv(n, _SUM_ROWS)
         out = _empty(chunks, m, dtype=torch.float32, device=part.device)
         ext.pool_column_sum(part.data_ptr(), n, m, _SUM_ROWS, out.data_ptr(), stream)
         part = out
@@ -110,18 +96,8 @@ def patch_pool_backward(grad_out, tokens, num_registers: int, ln_weight, ln_bias
     return d_tokens, sums[:d].to(ln_weight.dtype, copy=True), d_bias
 
 
-def supports(tokens: torch.Tensor, info: dict):
-    if tokens.dtype not in DTYPE_CODES:
-        return f"the CUDA pooling kernels take float32, float16 or bfloat16 tokens, got {tokens.dtype}"
-    if tokens.numel() == 0:
-        return f"the CUDA pooling kernels need non-empty tokens, got shape {tuple(tokens.shape)}"
-    if info.get("dim", tokens.shape[-1]) > MAX_DIM:
-        return f"the CUDA pooling kernels keep a row in registers: D must be <= {MAX_DIM}, got {tokens.shape[-1]}"
-    return None
-
-
 _C = _ext.extension()
 if _C is not None and hasattr(_C, "pool_forward"):
     add_kernels("cuda", "patch_pool",
                 {"patch_pool_forward": patch_pool_forward, "patch_pool_backward": patch_pool_backward},
-                supports=supports)
+                supports=pooling_supports("CUDA", MAX_DIM))

@@ -1,9 +1,10 @@
 """Fused attention in Triton: FlashAttention-2 forward and backward, tiled for DINO.txt's odd sequence lengths.
 
 Inputs are [B, N, H, Dh] tensors with any strides (q, k, v may be views of one fused qkv projection: no copies).
-Same contract as reference.attention_forward / attention_backward: o [B, N, H, Dv] in q's dtype (contiguous), lse
-[B, H, N] fp32 = the natural-log log-sum-exp of the scaled scores; a row that sees no key gets o = 0, lse = -inf,
-zero gradients. `lengths` [B] (int32/int64) masks the keys at positions >= lengths[b]; their blocks are skipped.
+Same contract as reference/attention.py's attention_forward / attention_backward: o [B, N, H, Dv] in q's dtype
+(contiguous), lse [B, H, N] fp32 = the natural-log log-sum-exp of the scaled scores; a row that sees no key gets
+o = 0, lse = -inf, zero gradients. `lengths` [B] (int32/int64) masks the keys at positions >= lengths[b]; their
+blocks are skipped.
 
 Tiling for odd N (261 = 256 + 5, 77, ...):
 - query tiles: N // BLOCK_M full tiles without row masks, then the remainder in tiles of BLOCK_M_TAIL rows (the
@@ -15,7 +16,8 @@ Tiling for odd N (261 = 256 + 5, 77, ...):
 
 Backward: a delta = rowsum(dO * O) pre-pass; one program per key block computes dK and dV; dQ comes either from a
 separate pass over query blocks (deterministic: no atomics; used when torch.use_deterministic_algorithms(True)) or,
-by default, from fp32 atomic adds in the dK/dV pass (FlashAttention-2's choice: fewer recomputed matmuls).
+by default, from fp32 atomic adds in the dK/dV pass (FlashAttention-2's choice: fewer recomputed matmuls). Both passes
+are one kernel (`_bwd_kernel`, its DQ_PASS switch), autotuned separately.
 Softmax runs in base 2 (exp2) on scores pre-multiplied by scale * log2(e); accumulation is fp32 everywhere.
 """
 from __future__ import annotations
@@ -28,8 +30,9 @@ import triton
 import triton.language as tl
 
 from ..dispatch import add_kernels
+from ..planning import LOG2E
 
-LOG2E = 1.4426950408889634
+_LOG2E = tl.constexpr(LOG2E)  # the kernels' softmax runs in base 2
 MAX_HEAD_DIM = 128
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -133,6 +136,50 @@ def _kv_length(LENS, b, N_K, HAS_LENS: tl.constexpr):
         return N_K
 
 
+@triton.jit
+def _pair(Q, K, V, LENS, bh, H, N_K, sqb, sqh, skb, skh, svb, svh, HAS_LENS: tl.constexpr):
+    """(b, h) of the (batch, head) pair bh as int64 (for the pointer arithmetic), its number of visible keys, and
+    the pointers to the first row of that head in q, k and v."""
+    b = bh // H
+    h = bh % H
+    kv_len = _kv_length(LENS, b, N_K, HAS_LENS)
+    b = b.to(tl.int64)
+    h = h.to(tl.int64)
+    return b, h, kv_len, Q + b * sqb + h * sqh, K + b * skb + h * skh, V + b * svb + h * svh
+
+
+@triton.jit
+def _dim_offsets(BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Column offsets of a tile along the q/k head dim and along the v head dim."""
+    return tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
+
+
+@triton.jit
+def _key_range(kv_len, start_m, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """The key blocks a query tile [start_m, start_m + BLOCK_M) visits: keys [0, n_free) are visible to every row of
+    the tile (no mask), [n_free, n_masked) are full blocks that need the causal mask, [n_masked, hi) the remainder;
+    nothing past hi is touched."""
+    hi = kv_len
+    free = kv_len
+    if CAUSAL:
+        hi = tl.minimum(kv_len, start_m + BLOCK_M)
+        free = tl.minimum(kv_len, start_m + 1)
+    n_free = free // BLOCK_N * BLOCK_N
+    return n_free, n_free + (hi - n_free) // BLOCK_N * BLOCK_N, hi
+
+
+@triton.jit
+def _row_statistics(LSE, DELTA, rows, lse_row, N_Q, CHECK_ROWS: tl.constexpr):
+    """(lse in base 2, delta) of query rows `rows`; rows past N_Q read 0 when CHECK_ROWS."""
+    if CHECK_ROWS:
+        lse2 = tl.load(LSE + lse_row + rows, mask=rows < N_Q, other=0.0) * _LOG2E
+        delta = tl.load(DELTA + lse_row + rows, mask=rows < N_Q, other=0.0)
+    else:
+        lse2 = tl.load(LSE + lse_row + rows) * _LOG2E
+        delta = tl.load(DELTA + lse_row + rows)
+    return lse2, delta
+
+
 # ------------------------------------------------------------------------------------------------------- forward
 @triton.jit
 def _fwd_block(acc, m_i, l_i, q, K, V, skn, skd, svn, svd, start_n, offs_m, offs_d, offs_dv, kv_len, qk_scale,
@@ -163,21 +210,13 @@ def _fwd_tile(Q, K, V, O, LSE, start_m, kv_len, sqn, sqd, skn, skd, svn, svd, so
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N_TAIL: tl.constexpr, EVEN_M: tl.constexpr,
               CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr):
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_d, offs_dv = _dim_offsets(BLOCK_D, BLOCK_DV)
     q = _load_tile(Q + offs_m[:, None] * sqn + offs_d[None, :] * sqd, offs_m, N_Q, offs_d, HEAD_D,
                    not EVEN_M, BLOCK_D != HEAD_D)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    # Keys [0, free) are visible to every row of the tile; [free, hi) need masks; nothing past hi is touched.
-    hi = kv_len
-    free = kv_len
-    if CAUSAL:
-        hi = tl.minimum(kv_len, start_m + BLOCK_M)
-        free = tl.minimum(kv_len, start_m + 1)
-    n_free = free // BLOCK_N * BLOCK_N
-    n_masked = n_free + (hi - n_free) // BLOCK_N * BLOCK_N
+    n_free, n_masked, hi = _key_range(kv_len, start_m, BLOCK_M, BLOCK_N, CAUSAL)
     for start_n in range(0, n_free, BLOCK_N):
         acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, K, V, skn, skd, svn, svd, start_n, offs_m, offs_d, offs_dv,
                                    kv_len, qk_scale, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_N, False, False,
@@ -193,7 +232,7 @@ def _fwd_tile(Q, K, V, O, LSE, start_m, kv_len, sqn, sqd, skn, skd, svn, svd, so
     # Rows that saw no key (kv_len == 0): o = 0 and lse = -inf instead of 0/0.
     seen = l_i > 0.0
     o = acc / tl.where(seen, l_i, 1.0)[:, None]
-    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) / _LOG2E, float("-inf"))
     o_ptrs = O + offs_m[:, None] * son + offs_dv[None, :]
     if EVEN_M and BLOCK_DV == HEAD_DV:
         tl.store(o_ptrs, o.to(O.dtype.element_ty))
@@ -219,13 +258,9 @@ def _fwd_kernel(Q, K, V, O, LSE, LENS,
     for i in range(PAIRS):
         bh = tl.program_id(1) * PAIRS + i
         if bh < BH:
-            b = bh // H
-            h = bh % H
-            kv_len = _kv_length(LENS, b, N_K, HAS_LENS)
-            q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
-            k_base = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
-            v_base = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
-            o_base = O + (b.to(tl.int64) * N_Q * H + h) * HEAD_DV
+            b, h, kv_len, q_base, k_base, v_base = _pair(Q, K, V, LENS, bh, H, N_K, sqb, sqh, skb, skh, svb, svh,
+                                                         HAS_LENS)
+            o_base = O + (b * N_Q * H + h) * HEAD_DV
             lse_row = bh.to(tl.int64) * N_Q
             if pid_m < n_full_m:
                 _fwd_tile(q_base, k_base, v_base, o_base, LSE, pid_m * BLOCK_M, kv_len, sqn, sqd, skn, skd, svn,
@@ -270,12 +305,7 @@ def _bwd_kv_block(dk, dv, k, v, Q, DO, LSE, DELTA, DQACC, start_m, offs_n, offs_
                     CHECK_ROWS, BLOCK_DV != HEAD_DV).to(v.dtype)
     # Rows past N_Q load q = dO = 0, lse = delta = 0: their p is 1 but every product with dO or with
     # (dP - delta) = 0 vanishes.
-    if CHECK_ROWS:
-        lse2 = tl.load(LSE + lse_row + offs_m, mask=offs_m < N_Q, other=0.0) * 1.4426950408889634
-        delta = tl.load(DELTA + lse_row + offs_m, mask=offs_m < N_Q, other=0.0)
-    else:
-        lse2 = tl.load(LSE + lse_row + offs_m) * 1.4426950408889634
-        delta = tl.load(DELTA + lse_row + offs_m)
+    lse2, delta = _row_statistics(LSE, DELTA, offs_m, lse_row, N_Q, CHECK_ROWS)
     qkt = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # [BLOCK_N, BLOCK_M]
     # Keys past kv_len (loaded as 0) must get p = 0 too: exp2(0 - lse2) overflows to inf for very negative lse
     # and inf * 0 would put NaN into dQ.
@@ -300,8 +330,7 @@ def _bwd_kv_tile(Q, K, V, DO, DK, DV, LSE, DELTA, DQACC, start_n, kv_len, sqn, s
                  BLOCK_M: tl.constexpr, BLOCK_M_TAIL: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                  ATOMIC_DQ: tl.constexpr, DOT_PREC: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_d, offs_dv = _dim_offsets(BLOCK_D, BLOCK_DV)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     if start_n < kv_len:  # key blocks past lengths[b] are skipped: zero gradients
@@ -337,47 +366,6 @@ def _bwd_kv_tile(Q, K, V, DO, DK, DV, LSE, DELTA, DQACC, start_n, kv_len, sqn, s
              mask=rows & (offs_dv[None, :] < HEAD_DV))
 
 
-@_autotune(_BWD_KV_LONG, _BWD_KV_SHORT, reset_to_zero=["DQACC"])
-@_TAILS
-@triton.jit
-def _bwd_kv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DQACC, LENS,
-                   sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sdb, sdn, sdh, sdd,
-                   H, N_Q, N_K, BH, qk_scale, scale, N_Q_BUCKET, N_K_BUCKET, BH_BUCKET, FIXED_CONFIG,
-                   HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                   CAUSAL: tl.constexpr, HAS_LENS: tl.constexpr, ATOMIC_DQ: tl.constexpr, DOT_PREC: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAIRS: tl.constexpr,
-                   BLOCK_M_TAIL: tl.constexpr, BLOCK_N_TAIL: tl.constexpr):
-    pid_n = tl.program_id(0)
-    n_full_n = N_K // BLOCK_N
-    for i in range(PAIRS):
-        bh = tl.program_id(1) * PAIRS + i
-        if bh < BH:
-            b = bh // H
-            h = bh % H
-            kv_len = _kv_length(LENS, b, N_K, HAS_LENS)
-            b64 = b.to(tl.int64)
-            h64 = h.to(tl.int64)
-            q_base = Q + b64 * sqb + h64 * sqh
-            k_base = K + b64 * skb + h64 * skh
-            v_base = V + b64 * svb + h64 * svh
-            do_base = DO + b64 * sdb + h64 * sdh
-            dk_base = DK + (b64 * N_K * H + h64) * HEAD_D
-            dv_base = DV + (b64 * N_K * H + h64) * HEAD_DV
-            dq_base = DQACC + (b64 * N_Q * H + h64) * HEAD_D
-            lse_row = bh.to(tl.int64) * N_Q
-            if pid_n < n_full_n:
-                _bwd_kv_tile(q_base, k_base, v_base, do_base, dk_base, dv_base, LSE, DELTA, dq_base,
-                             pid_n * BLOCK_N, kv_len, sqn, sqd, skn, skd, svn, svd, sdn, sdd, H * HEAD_D,
-                             H * HEAD_DV, H * HEAD_D, lse_row, N_Q, N_K, qk_scale, scale, HEAD_D, HEAD_DV, BLOCK_D,
-                             BLOCK_DV, BLOCK_M, BLOCK_M_TAIL, BLOCK_N, CAUSAL, ATOMIC_DQ, DOT_PREC)
-            else:
-                _bwd_kv_tile(q_base, k_base, v_base, do_base, dk_base, dv_base, LSE, DELTA, dq_base,
-                             n_full_n * BLOCK_N + (pid_n - n_full_n) * BLOCK_N_TAIL, kv_len, sqn, sqd, skn, skd,
-                             svn, svd, sdn, sdd, H * HEAD_D, H * HEAD_DV, H * HEAD_D, lse_row, N_Q, N_K, qk_scale,
-                             scale, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_M_TAIL, BLOCK_N_TAIL, CAUSAL,
-                             ATOMIC_DQ, DOT_PREC)
-
-
 @triton.jit
 def _bwd_q_block(dq, q, do, lse2, delta, K, V, skn, skd, svn, svd, start_n, offs_m, offs_d, offs_dv, kv_len,
                  qk_scale, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -406,26 +394,14 @@ def _bwd_q_tile(Q, K, V, DO, DQ, LSE, DELTA, start_m, kv_len, sqn, sqd, skn, skd
                 BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N_TAIL: tl.constexpr,
                 EVEN_M: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr):
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_d, offs_dv = _dim_offsets(BLOCK_D, BLOCK_DV)
     q = _load_tile(Q + offs_m[:, None] * sqn + offs_d[None, :] * sqd, offs_m, N_Q, offs_d, HEAD_D,
                    not EVEN_M, BLOCK_D != HEAD_D)
     do = _load_tile(DO + offs_m[:, None] * sdn + offs_dv[None, :] * sdd, offs_m, N_Q, offs_dv, HEAD_DV,
                     not EVEN_M, BLOCK_DV != HEAD_DV).to(q.dtype)
-    if EVEN_M:
-        lse2 = tl.load(LSE + lse_row + offs_m) * 1.4426950408889634
-        delta = tl.load(DELTA + lse_row + offs_m)
-    else:
-        lse2 = tl.load(LSE + lse_row + offs_m, mask=offs_m < N_Q, other=0.0) * 1.4426950408889634
-        delta = tl.load(DELTA + lse_row + offs_m, mask=offs_m < N_Q, other=0.0)
+    lse2, delta = _row_statistics(LSE, DELTA, offs_m, lse_row, N_Q, not EVEN_M)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    hi = kv_len
-    free = kv_len
-    if CAUSAL:
-        hi = tl.minimum(kv_len, start_m + BLOCK_M)
-        free = tl.minimum(kv_len, start_m + 1)
-    n_free = free // BLOCK_N * BLOCK_N
-    n_masked = n_free + (hi - n_free) // BLOCK_N * BLOCK_N
+    n_free, n_masked, hi = _key_range(kv_len, start_m, BLOCK_M, BLOCK_N, CAUSAL)
     for start_n in range(0, n_free, BLOCK_N):
         dq = _bwd_q_block(dq, q, do, lse2, delta, K, V, skn, skd, svn, svd, start_n, offs_m, offs_d, offs_dv,
                           kv_len, qk_scale, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_N, False, False, DOT_PREC)
@@ -443,47 +419,62 @@ def _bwd_q_tile(Q, K, V, DO, DQ, LSE, DELTA, start_m, kv_len, sqn, sqd, skn, skd
         tl.store(dq_ptrs, dq, mask=(offs_m[:, None] < N_Q) & (offs_d[None, :] < HEAD_D))
 
 
-@_autotune(_BWD_Q_LONG, _BWD_Q_SHORT)
-@_TAILS
 @triton.jit
-def _bwd_q_kernel(Q, K, V, DO, DQ, LSE, DELTA, LENS,
-                  sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sdb, sdn, sdh, sdd,
-                  H, N_Q, N_K, BH, qk_scale, scale, N_Q_BUCKET, N_K_BUCKET, BH_BUCKET, FIXED_CONFIG,
-                  HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                  CAUSAL: tl.constexpr, HAS_LENS: tl.constexpr, ATOMIC_DQ: tl.constexpr, DOT_PREC: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAIRS: tl.constexpr,
-                  BLOCK_M_TAIL: tl.constexpr, BLOCK_N_TAIL: tl.constexpr):
-    pid_m = tl.program_id(0)
-    n_full_m = N_Q // BLOCK_M
+def _bwd_kernel(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, LENS,
+                sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sdb, sdn, sdh, sdd,
+                H, N_Q, N_K, BH, qk_scale, scale, N_Q_BUCKET, N_K_BUCKET, BH_BUCKET, FIXED_CONFIG,
+                HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                CAUSAL: tl.constexpr, HAS_LENS: tl.constexpr, ATOMIC_DQ: tl.constexpr, DOT_PREC: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAIRS: tl.constexpr,
+                BLOCK_M_TAIL: tl.constexpr, BLOCK_N_TAIL: tl.constexpr, DQ_PASS: tl.constexpr):
+    """One program per key block (DQ_PASS=False): dK and dV, plus dQ by fp32 atomic adds into DQ with ATOMIC_DQ;
+    or one program per query block (DQ_PASS=True, deterministic mode): dQ. DK and DV are not touched then."""
+    pid = tl.program_id(0)
     for i in range(PAIRS):
         bh = tl.program_id(1) * PAIRS + i
         if bh < BH:
-            b = bh // H
-            h = bh % H
-            kv_len = _kv_length(LENS, b, N_K, HAS_LENS)
-            b64 = b.to(tl.int64)
-            h64 = h.to(tl.int64)
-            q_base = Q + b64 * sqb + h64 * sqh
-            k_base = K + b64 * skb + h64 * skh
-            v_base = V + b64 * svb + h64 * svh
-            do_base = DO + b64 * sdb + h64 * sdh
-            dq_base = DQ + (b64 * N_Q * H + h64) * HEAD_D
+            b, h, kv_len, q_base, k_base, v_base = _pair(Q, K, V, LENS, bh, H, N_K, sqb, sqh, skb, skh, svb, svh,
+                                                         HAS_LENS)
+            do_base = DO + b * sdb + h * sdh
+            dq_base = DQ + (b * N_Q * H + h) * HEAD_D
             lse_row = bh.to(tl.int64) * N_Q
-            if pid_m < n_full_m:
-                _bwd_q_tile(q_base, k_base, v_base, do_base, dq_base, LSE, DELTA, pid_m * BLOCK_M, kv_len, sqn, sqd,
-                            skn, skd, svn, svd, sdn, sdd, H * HEAD_D, lse_row, N_Q, qk_scale, scale, HEAD_D, HEAD_DV,
-                            BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, BLOCK_N_TAIL, True, CAUSAL, DOT_PREC)
+            if DQ_PASS:
+                n_full_m = N_Q // BLOCK_M
+                if pid < n_full_m:
+                    _bwd_q_tile(q_base, k_base, v_base, do_base, dq_base, LSE, DELTA, pid * BLOCK_M, kv_len, sqn,
+                                sqd, skn, skd, svn, svd, sdn, sdd, H * HEAD_D, lse_row, N_Q, qk_scale, scale, HEAD_D,
+                                HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, BLOCK_N_TAIL, True, CAUSAL, DOT_PREC)
+                else:
+                    _bwd_q_tile(q_base, k_base, v_base, do_base, dq_base, LSE, DELTA,
+                                n_full_m * BLOCK_M + (pid - n_full_m) * BLOCK_M_TAIL, kv_len, sqn, sqd, skn, skd,
+                                svn, svd, sdn, sdd, H * HEAD_D, lse_row, N_Q, qk_scale, scale, HEAD_D, HEAD_DV,
+                                BLOCK_D, BLOCK_DV, BLOCK_M_TAIL, BLOCK_N, BLOCK_N_TAIL, False, CAUSAL, DOT_PREC)
             else:
-                _bwd_q_tile(q_base, k_base, v_base, do_base, dq_base, LSE, DELTA,
-                            n_full_m * BLOCK_M + (pid_m - n_full_m) * BLOCK_M_TAIL, kv_len, sqn, sqd, skn, skd, svn,
-                            svd, sdn, sdd, H * HEAD_D, lse_row, N_Q, qk_scale, scale, HEAD_D, HEAD_DV, BLOCK_D,
-                            BLOCK_DV, BLOCK_M_TAIL, BLOCK_N, BLOCK_N_TAIL, False, CAUSAL, DOT_PREC)
+                dk_base = DK + (b * N_K * H + h) * HEAD_D
+                dv_base = DV + (b * N_K * H + h) * HEAD_DV
+                n_full_n = N_K // BLOCK_N
+                if pid < n_full_n:
+                    _bwd_kv_tile(q_base, k_base, v_base, do_base, dk_base, dv_base, LSE, DELTA, dq_base,
+                                 pid * BLOCK_N, kv_len, sqn, sqd, skn, skd, svn, svd, sdn, sdd, H * HEAD_D,
+                                 H * HEAD_DV, H * HEAD_D, lse_row, N_Q, N_K, qk_scale, scale, HEAD_D, HEAD_DV,
+                                 BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_M_TAIL, BLOCK_N, CAUSAL, ATOMIC_DQ, DOT_PREC)
+                else:
+                    _bwd_kv_tile(q_base, k_base, v_base, do_base, dk_base, dv_base, LSE, DELTA, dq_base,
+                                 n_full_n * BLOCK_N + (pid - n_full_n) * BLOCK_N_TAIL, kv_len, sqn, sqd, skn, skd,
+                                 svn, svd, sdn, sdd, H * HEAD_D, H * HEAD_DV, H * HEAD_D, lse_row, N_Q, N_K,
+                                 qk_scale, scale, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_M_TAIL,
+                                 BLOCK_N_TAIL, CAUSAL, ATOMIC_DQ, DOT_PREC)
+
+
+# The two backward launches run the same kernel, each autotuned over its own tile configurations: the dK/dV pass
+# (which zeroes the atomic dQ accumulator between timing runs) and the deterministic dQ pass.
+_bwd_kv_kernel = _autotune(_BWD_KV_LONG, _BWD_KV_SHORT, reset_to_zero=["DQ"])(_TAILS(_bwd_kernel))
+_bwd_q_kernel = _autotune(_BWD_Q_LONG, _BWD_Q_SHORT)(_TAILS(_bwd_kernel))
 
 
 # ------------------------------------------------------------------------------------------------------ launchers
-def _new(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Uninitialised output buffer (every element is written by a kernel; tests poison it here to check that)."""
-    return torch.empty(shape, dtype=dtype, device=device)
+# Every output buffer (each element written by a kernel) is allocated through this, so that tests can poison it (NaN).
+_empty = torch.empty
 
 
 def _block_dim(d: int) -> int:
@@ -513,8 +504,8 @@ def _grid(n_tiles_of, n_q_or_k: int, bh: int):
 def attention_forward(q, k, v, causal: bool, scale: float, lengths=None):
     """o [B,N,H,Dv] (q's dtype, contiguous) and lse [B,H,N] fp32 (natural log of the scaled scores' sum-exp)."""
     b, n_q, h, _ = q.shape
-    o = _new(b, n_q, h, v.shape[-1], dtype=q.dtype, device=q.device)
-    lse = _new(b, h, n_q, dtype=torch.float32, device=q.device)
+    o = _empty(b, n_q, h, v.shape[-1], dtype=q.dtype, device=q.device)
+    lse = _empty(b, h, n_q, dtype=torch.float32, device=q.device)
     meta, lens = _common(q, k, v, causal, lengths, lse)
     _fwd_kernel[_grid("BLOCK_M", n_q, b * h)](
         q, k, v, o, lse, lens, *q.stride(), *k.stride(), *v.stride(), qk_scale=scale * LOG2E, ATOMIC_DQ=False,
@@ -533,27 +524,27 @@ def attention_backward(grad_o, q, k, v, o, lse, causal: bool, scale: float, leng
     b, n_q, h, d = q.shape
     n_k, dv_dim = k.shape[1], v.shape[-1]
     lse = lse.contiguous()
-    delta = _new(b, h, n_q, dtype=torch.float32, device=q.device)
+    delta = _empty(b, h, n_q, dtype=torch.float32, device=q.device)
     block = 64 if dv_dim <= 64 else 32
     _delta_kernel[(triton.cdiv(n_q, block), b * h)](o, grad_o, delta, *o.stride(), *grad_o.stride(), h, n_q,
                                                     HEAD_DV=dv_dim, BLOCK_DV=_block_dim(dv_dim), BLOCK=block)
-    dk = _new(b, n_k, h, d, dtype=k.dtype, device=q.device)
-    dv = _new(b, n_k, h, dv_dim, dtype=v.dtype, device=q.device)
+    dk = _empty(b, n_k, h, d, dtype=k.dtype, device=q.device)
+    dv = _empty(b, n_k, h, dv_dim, dtype=v.dtype, device=q.device)
     meta, lens = _common(q, k, v, causal, lengths, lse)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_o.stride())
     atomic = not deterministic_backward()
     if atomic:
         dq = torch.zeros(b, n_q, h, d, dtype=torch.float32, device=q.device)  # fp32 accumulator
     else:
-        dq = _new(b, n_q, h, d, dtype=q.dtype, device=q.device)
+        dq = _empty(b, n_q, h, d, dtype=q.dtype, device=q.device)
     _bwd_kv_kernel[_grid("BLOCK_N", n_k, b * h)](
-        q, k, v, grad_o, dk, dv, lse, delta, dq, lens, *strides, qk_scale=scale * LOG2E, scale=scale,
-        ATOMIC_DQ=atomic, **meta)
+        q, k, v, grad_o, dk, dv, dq, lse, delta, lens, *strides, qk_scale=scale * LOG2E, scale=scale,
+        ATOMIC_DQ=atomic, DQ_PASS=False, **meta)
     if atomic:
         return dq.to(q.dtype), dk, dv
     _bwd_q_kernel[_grid("BLOCK_M", n_q, b * h)](
-        q, k, v, grad_o, dq, lse, delta, lens, *strides, qk_scale=scale * LOG2E, scale=scale, ATOMIC_DQ=False,
-        **meta)
+        q, k, v, grad_o, dk, dv, dq, lse, delta, lens, *strides, qk_scale=scale * LOG2E, scale=scale,
+        ATOMIC_DQ=False, DQ_PASS=True, **meta)
     return dq, dk, dv
 
 
@@ -575,5 +566,3 @@ def supports(tensor: torch.Tensor, info: dict) -> Optional[str]:
 
 add_kernels("triton", "attention", {"attention_forward": attention_forward,
                                     "attention_backward": attention_backward}, supports=supports)
-
-__all__ = ["attention_forward", "attention_backward", "supports", "deterministic_backward", "MAX_HEAD_DIM"]

@@ -1,7 +1,7 @@
 """Fused two-sided contrastive (InfoNCE) loss in Triton, without the B x B logits.
 
-Implements the tile primitives that reference.tiled_partial_forward / tiled_partial_backward compose into the
-"partial" kernels (local rows against all columns; see the contrastive section of reference.py for the contract):
+Implements the tile primitives that contrastive_tiles.tiled_partial_forward / tiled_partial_backward compose into
+the "partial" kernels (local rows against all columns; see contrastive_tiles.py for the contract):
 
 - forward: one pass over (row chunk, column chunk) programs. Each program loops over its BLOCK_M x BLOCK_N tiles
   (s = exp(logit_scale) * inv_i * inv_j * <img_i, txt_j>, fp32 accumulation, the L2 norms folded in as per-row
@@ -21,18 +21,18 @@ dot products, not TF32). Under TRITON_INTERPRET=1 one small configuration runs o
 """
 from __future__ import annotations
 
-import math
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .. import reference
+from ..contrastive_tiles import KernelTiles, tiled_dtype_problem, tiled_kernels, unit_norms
 from ..dispatch import add_kernels
+from ..planning import NORM_EPS
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_NORM_EPS = tl.constexpr(1e-12)  # F.normalize's clamp of the norm, as in reference.py
+_NORM_EPS = tl.constexpr(NORM_EPS)  # F.normalize's clamp of the norm
 
 # Row and column chunks are multiples of this (so of every BLOCK_M / BLOCK_N below).
 CHUNK_UNIT = 64 if _INTERPRET else 256
@@ -269,9 +269,8 @@ def _normalize_backward_kernel(g_ptr, x_ptr, out_ptr, E, stride_g, stride_x, str
 
 
 # ------------------------------------------------------------------------------------------------ primitives
-def _new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
-    """Every buffer a kernel here fills completely (tests poison it to check that)."""
-    return torch.empty(shape, dtype=dtype, device=device)
+# Every buffer a kernel here fills completely is allocated through this, so that tests can poison it (NaN).
+_empty = torch.empty
 
 
 def _unit_stride(x: torch.Tensor) -> torch.Tensor:
@@ -282,10 +281,6 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # (tf32 only matters for fp32 operands)
 
 
-def _round_up(x: int, unit: int) -> int:
-    return -(-x // unit) * unit
-
-
 def _float64(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float64).contiguous()
 
@@ -294,27 +289,14 @@ def _log_scale(logit_scale: torch.Tensor) -> torch.Tensor:
     return logit_scale.detach().reshape(1).to(torch.float32)
 
 
-class TritonTiles(reference.ContrastiveTiles):
-    def chunks(self, m, n):
-        unit = CHUNK_UNIT
-        side = max(unit, round(math.sqrt(m * n / TARGET_PROGRAMS) / unit) * unit)
-        return min(side, _round_up(m, unit)), min(side, _round_up(n, unit))
-
-    def panel_columns(self, m, n, col_chunk, dtype):
-        columns = PANEL_BYTES // (max(1, m) * torch.finfo(dtype).bits // 8)
-        return max(col_chunk, columns // col_chunk * col_chunk)
-
-    def ds_dtype(self, dtype):
-        return dtype
-
+class TritonTiles(KernelTiles):
     def row_norms(self, x, normalize):
-        rows, e = x.shape
         if not normalize:
-            ones = torch.ones(rows, dtype=torch.float32, device=x.device)
-            return ones, ones
+            return unit_norms(x)
         x = _unit_stride(x)
-        inv = _new_output(rows, torch.float32, x.device)
-        norm = _new_output(rows, torch.float32, x.device)
+        rows, e = x.shape
+        inv = _empty(rows, dtype=torch.float32, device=x.device)
+        norm = _empty(rows, dtype=torch.float32, device=x.device)
         block_r = 16
         _row_norms_kernel[(triton.cdiv(rows, block_r),)](x, inv, norm, rows, e, x.stride(0), BLOCK_R=block_r,
                                                          BLOCK_E=min(256, triton.next_power_of_2(e)))
@@ -351,7 +333,7 @@ class TritonTiles(reference.ContrastiveTiles):
 
     def normalize_backward(self, g, x, normalize):
         g, x = _unit_stride(g), _unit_stride(x)
-        out = _new_output(x.shape, x.dtype, x.device)
+        out = _empty(x.shape, dtype=x.dtype, device=x.device)
         rows, e = x.shape
         if rows:
             _normalize_backward_kernel[(rows,)](g, x, out, e, g.stride(0), x.stride(0), out.stride(0),
@@ -360,17 +342,15 @@ class TritonTiles(reference.ContrastiveTiles):
         return out
 
 
-TILES = TritonTiles()
+TILES = TritonTiles(CHUNK_UNIT, TARGET_PROGRAMS, PANEL_BYTES)
 
 
 # ------------------------------------------------------------------------------------------- op kernels (contract)
-KERNELS = reference.tiled_kernels(TILES)
-contrastive_partial_forward = KERNELS["contrastive_partial_forward"]
-contrastive_partial_backward = KERNELS["contrastive_partial_backward"]
+KERNELS = tiled_kernels(TILES)
 
 
 def _supports(tensor: torch.Tensor, info: dict):
-    return reference.tiled_dtype_problem("Triton", tensor.dtype)
+    return tiled_dtype_problem("Triton", tensor.dtype)
 
 
 add_kernels("triton", "contrastive_loss", KERNELS, supports=_supports)

@@ -1,6 +1,6 @@
 """Triton dense patch-text decoding: cosine logits, and bilinear upsampling + (softmax) + argmax that never
-materialise a full-resolution [C, H, W] map. Same contract as reference.patch_text_logits / upsample_argmax /
-slide_decode.
+materialise a full-resolution [C, H, W] map. Same contract as reference/dense.py (patch_text_logits, upsample_argmax,
+slide_decode).
 
 - `_cosine_logits`: one GEMM of the patch rows [B*h*w, D] with the class rows [C, D]; the squared norms of both
   are accumulated from the tiles the GEMM loads anyway, and the product is divided by them in the epilogue.
@@ -22,13 +22,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ..cuda.dense import MAX_SIDE, window_table  # host-side, shared with the CUDA kernels
 from ..dispatch import add_kernels
+from ..planning import MAX_SIDE, NORM_EPS, dense_supports, window_table
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Every output and workspace is allocated through this, so that tests can poison them (NaN / -1).
 _empty = torch.empty
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_NORM_EPS = tl.constexpr(NORM_EPS)
 
 
 def _check_sides(op: str, **sides: int) -> None:
@@ -88,7 +88,9 @@ def _cosine_logits(p_ptr, p_sb, p_sh, p_sw, p_sd, t_ptr, t_sc, t_sd, out_ptr, M,
             acc = tl.dot(a, t, acc)
         a_ptrs += BLOCK_K * p_sd
         t_ptrs += BLOCK_K * t_sd
-    acc = acc * (1.0 / tl.maximum(tl.sqrt(sq_a), 1e-12))[:, None] * (1.0 / tl.maximum(tl.sqrt(sq_t), 1e-12))[None, :]
+    inv_a = 1.0 / tl.maximum(tl.sqrt(sq_a), _NORM_EPS)
+    inv_t = 1.0 / tl.maximum(tl.sqrt(sq_t), _NORM_EPS)
+    acc = acc * inv_a[:, None] * inv_t[None, :]
     img = rm // HW
     pix = rm % HW
     dst = out_ptr + img[:, None].to(tl.int64) * C * HW + rc[None, :] * HW + pix[:, None]
@@ -117,6 +119,16 @@ def _taps(dst, in_size, out_size):
 
 
 @triton.jit
+def _pixel_taps(h, w, H, W, BLOCK_P: tl.constexpr):
+    """This program's block of output pixels p of an H x W resize of an h x w map: (p, p < H * W, then the
+    row taps (y0, y1, wy) and the column taps (x0, x1, wx))."""
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    y0, y1, wy = _taps(p // W, h, H)
+    x0, x1, wx = _taps(p % W, w, W)
+    return p, p < H * W, y0, y1, wy, x0, x1, wx
+
+
+@triton.jit
 def _bilinear(ptrs, y0, y1, wy, x0, x1, wx, s_h, s_w, mask):
     """[BLOCK_C, BLOCK_P] bilinear values: `ptrs` [BLOCK_C, 1] point at each class's map, taps are [BLOCK_P]."""
     r0 = (y0 * s_h)[None, :]
@@ -134,6 +146,29 @@ def _bilinear(ptrs, y0, y1, wy, x0, x1, wx, s_h, s_w, mask):
 
 
 @triton.jit
+def _class_chunk(base, c0, C, s_c, y0, y1, wy, x0, x1, wx, s_h, s_w, p_ok, BLOCK_C: tl.constexpr):
+    """(classes, [BLOCK_C, BLOCK_P] bilinear values) of classes [c0, c0 + BLOCK_C) of the map at `base`; -inf for
+    classes past C."""
+    classes = c0 + tl.arange(0, BLOCK_C)
+    c_ok = classes < C
+    v = _bilinear(base + classes[:, None] * s_c, y0, y1, wy, x0, x1, wx, s_h, s_w, c_ok[:, None] & p_ok[None, :])
+    return classes, tl.where(c_ok[:, None], v, float("-inf"))
+
+
+@triton.jit
+def _online_sum_exp(total, old_max, new_max, v):
+    """sum over classes of exp(v - new_max), added to a running `total` kept relative to old_max."""
+    return total * tl.exp(old_max - new_max) + tl.sum(tl.exp(v - new_max[None, :]), axis=0)
+
+
+@triton.jit
+def _box(table_ptr, k):
+    """(y0, x0, y1, x1, offset) of window k in the window table."""
+    box = table_ptr + k * 5
+    return tl.load(box), tl.load(box + 1), tl.load(box + 2), tl.load(box + 3), tl.load(box + 4).to(tl.int64)
+
+
+@triton.jit
 def _argmax_update(v, classes, best, label):
     """Online argmax over class chunks; ties keep the lowest class index, like torch.max."""
     chunk_max = tl.max(v, axis=0)
@@ -148,22 +183,16 @@ def _argmax_update(v, classes, best, label):
 def _upsample_argmax(x_ptr, s_b, s_c, s_h, s_w, labels_ptr, scores_ptr, C, h, w, H, W,
                      SOFTMAX: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     b = tl.program_id(1)
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_ok = p < H * W
-    y0, y1, wy = _taps(p // W, h, H)
-    x0, x1, wx = _taps(p % W, w, W)
+    p, p_ok, y0, y1, wy, x0, x1, wx = _pixel_taps(h, w, H, W, BLOCK_P)
     base = x_ptr + b.to(tl.int64) * s_b
     best = tl.full([BLOCK_P], float("-inf"), tl.float32)
     label = tl.zeros([BLOCK_P], dtype=tl.int32)
     total = tl.zeros([BLOCK_P], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
-        classes = c0 + tl.arange(0, BLOCK_C)
-        c_ok = classes < C
-        v = _bilinear(base + classes[:, None] * s_c, y0, y1, wy, x0, x1, wx, s_h, s_w, c_ok[:, None] & p_ok[None, :])
-        v = tl.where(c_ok[:, None], v, float("-inf"))
+        classes, v = _class_chunk(base, c0, C, s_c, y0, y1, wy, x0, x1, wx, s_h, s_w, p_ok, BLOCK_C)
         new_best, label = _argmax_update(v, classes, best, label)
         if SOFTMAX:  # online softmax normaliser: total = sum_c exp(v_c - best)
-            total = total * tl.exp(best - new_best) + tl.sum(tl.exp(v - new_best[None, :]), axis=0)
+            total = _online_sum_exp(total, best, new_best, v)
         best = new_best
     out = b.to(tl.int64) * H * W + p
     tl.store(labels_ptr + out, label.to(tl.int64), mask=p_ok)
@@ -187,32 +216,37 @@ def _window_lse(x_ptr, s_n, s_c, s_h, s_w, table_ptr, lse_ptr, C, h, w, max_area
                 BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """lse[off_k + i] = logsumexp over classes of window k's logits upsampled to its box, at box pixel i."""
     k = tl.program_id(1)
-    box = table_ptr + k * 5
-    by0 = tl.load(box)
-    bx0 = tl.load(box + 1)
-    bh = tl.load(box + 2) - by0
-    bw = tl.load(box + 3) - bx0
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_ok = p < bh * bw
-    y0, y1, wy = _taps(p // bw, h, bh)
-    x0, x1, wx = _taps(p % bw, w, bw)
+    by0, bx0, by1, bx1, off = _box(table_ptr, k)
+    bh = by1 - by0
+    bw = bx1 - bx0
+    p, p_ok, y0, y1, wy, x0, x1, wx = _pixel_taps(h, w, bh, bw, BLOCK_P)
     base = x_ptr + k.to(tl.int64) * s_n
     run_max = tl.full([BLOCK_P], float("-inf"), tl.float32)
     total = tl.zeros([BLOCK_P], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
-        classes = c0 + tl.arange(0, BLOCK_C)
-        c_ok = classes < C
-        v = _bilinear(base + classes[:, None] * s_c, y0, y1, wy, x0, x1, wx, s_h, s_w, c_ok[:, None] & p_ok[None, :])
-        v = tl.where(c_ok[:, None], v, float("-inf"))
+        _, v = _class_chunk(base, c0, C, s_c, y0, y1, wy, x0, x1, wx, s_h, s_w, p_ok, BLOCK_C)
         new_max = tl.maximum(run_max, tl.max(v, axis=0))
-        total = total * tl.exp(run_max - new_max) + tl.sum(tl.exp(v - new_max[None, :]), axis=0)
+        total = _online_sum_exp(total, run_max, new_max, v)
         run_max = new_max
-    tl.store(lse_ptr + tl.load(box + 4).to(tl.int64) + p, run_max + tl.log(total), mask=p_ok)
+    tl.store(lse_ptr + off + p, run_max + tl.log(total), mask=p_ok)
 
 
 @triton.jit
-def _window_tap(base, classes, c_ok, s_c, s_h, s_w, h, w, lse_ptr, off, bh, bw, ly, lx, inside, coef,
-                SOFTMAX: tl.constexpr):
+def _add_window_tap(acc, base, classes, c_ok, s_c, s_h, s_w, h, w, lse_ptr, off, bh, bw, ly, lx, p_ok, coef,
+                    SOFTMAX: tl.constexpr):
+    """acc + coef * (softmaxed) value of one window at one canvas tap (ly, lx: window-local) per pixel,
+    [BLOCK_C, BLOCK_P]; pixels whose tap lies outside the window, or has zero weight, add nothing. Taps with zero
+    weight (all of them but one when the final resize is the identity) skip the loads altogether."""
+    inside = p_ok & (ly >= 0) & (ly < bh) & (lx >= 0) & (lx < bw) & (coef != 0.0)
+    if tl.max(inside.to(tl.int32), axis=0) > 0:
+        acc += _window_value(base, classes, c_ok, s_c, s_h, s_w, h, w, lse_ptr, off, bh, bw, ly, lx, inside, coef,
+                             SOFTMAX)
+    return acc
+
+
+@triton.jit
+def _window_value(base, classes, c_ok, s_c, s_h, s_w, h, w, lse_ptr, off, bh, bw, ly, lx, inside, coef,
+                  SOFTMAX: tl.constexpr):
     """coef * (softmaxed) value of one window at one canvas tap per pixel, [BLOCK_C, BLOCK_P] (0 where outside)."""
     y0, y1, wy = _taps(ly, h, bh)
     x0, x1, wx = _taps(lx, w, bw)
@@ -228,21 +262,14 @@ def _window_tap(base, classes, c_ok, s_c, s_h, s_w, h, w, lse_ptr, off, bh, bw, 
 @triton.jit
 def _slide_decode(x_ptr, s_n, s_c, s_h, s_w, table_ptr, n_windows, lse_ptr, labels_ptr, scores_ptr,
                   C, h, w, Hc, Wc, H, W, SOFTMAX: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_ok = p < H * W
-    cy0, cy1, fy = _taps(p // W, Hc, H)
-    cx0, cx1, fx = _taps(p % W, Wc, W)
+    p, p_ok, cy0, cy1, fy, cx0, cx1, fx = _pixel_taps(Hc, Wc, H, W, BLOCK_P)
     # number of windows covering each of the four canvas taps (canvas pixel values are window averages)
     n00 = tl.zeros([BLOCK_P], dtype=tl.int32)
     n01 = tl.zeros([BLOCK_P], dtype=tl.int32)
     n10 = tl.zeros([BLOCK_P], dtype=tl.int32)
     n11 = tl.zeros([BLOCK_P], dtype=tl.int32)
     for k in range(n_windows):
-        box = table_ptr + k * 5
-        by0 = tl.load(box)
-        bx0 = tl.load(box + 1)
-        by1 = tl.load(box + 2)
-        bx1 = tl.load(box + 3)
+        by0, bx0, by1, bx1, _ = _box(table_ptr, k)
         in_y0 = (cy0 >= by0) & (cy0 < by1)
         in_y1 = (cy1 >= by0) & (cy1 < by1)
         in_x0 = (cx0 >= bx0) & (cx0 < bx1)
@@ -263,38 +290,19 @@ def _slide_decode(x_ptr, s_n, s_c, s_h, s_w, table_ptr, n_windows, lse_ptr, labe
         c_ok = classes < C
         acc = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
         for k in range(n_windows):
-            box = table_ptr + k * 5
-            by0 = tl.load(box)
-            bx0 = tl.load(box + 1)
-            bh = tl.load(box + 2) - by0
-            bw = tl.load(box + 3) - bx0
-            off = tl.load(box + 4).to(tl.int64)
+            by0, bx0, by1, bx1, off = _box(table_ptr, k)
+            bh = by1 - by0
+            bw = bx1 - bx0
             base = x_ptr + k * s_n  # int32: the input has < 2**31 elements (supports)
-            ly0 = cy0 - by0
-            ly1 = cy1 - by0
-            lx0 = cx0 - bx0
-            lx1 = cx1 - bx0
-            in_y0 = (ly0 >= 0) & (ly0 < bh)
-            in_y1 = (ly1 >= 0) & (ly1 < bh)
-            in_x0 = (lx0 >= 0) & (lx0 < bw)
-            in_x1 = (lx1 >= 0) & (lx1 < bw)
-            # taps with zero weight (all of them but one when the final resize is the identity) are skipped
-            in00 = p_ok & in_y0 & in_x0 & (a00 != 0.0)
-            in01 = p_ok & in_y0 & in_x1 & (a01 != 0.0)
-            in10 = p_ok & in_y1 & in_x0 & (a10 != 0.0)
-            in11 = p_ok & in_y1 & in_x1 & (a11 != 0.0)
-            if tl.max(in00.to(tl.int32), axis=0) > 0:
-                acc += _window_tap(base, classes, c_ok, s_c, s_h, s_w, h, w, lse_ptr, off, bh, bw, ly0, lx0, in00,
-                                   a00, SOFTMAX)
-            if tl.max(in01.to(tl.int32), axis=0) > 0:
-                acc += _window_tap(base, classes, c_ok, s_c, s_h, s_w, h, w, lse_ptr, off, bh, bw, ly0, lx1, in01,
-                                   a01, SOFTMAX)
-            if tl.max(in10.to(tl.int32), axis=0) > 0:
-                acc += _window_tap(base, classes, c_ok, s_c, s_h, s_w, h, w, lse_ptr, off, bh, bw, ly1, lx0, in10,
-                                   a10, SOFTMAX)
-            if tl.max(in11.to(tl.int32), axis=0) > 0:
-                acc += _window_tap(base, classes, c_ok, s_c, s_h, s_w, h, w, lse_ptr, off, bh, bw, ly1, lx1, in11,
-                                   a11, SOFTMAX)
+            ly0, ly1, lx0, lx1 = cy0 - by0, cy1 - by0, cx0 - bx0, cx1 - bx0  # the four taps, window-local
+            acc = _add_window_tap(acc, base, classes, c_ok, s_c, s_h, s_w, h, w, lse_ptr, off, bh, bw, ly0, lx0, p_ok,
+                                  a00, SOFTMAX)
+            acc = _add_window_tap(acc, base, classes, c_ok, s_c, s_h, s_w, h, w, lse_ptr, off, bh, bw, ly0, lx1, p_ok,
+                                  a01, SOFTMAX)
+            acc = _add_window_tap(acc, base, classes, c_ok, s_c, s_h, s_w, h, w, lse_ptr, off, bh, bw, ly1, lx0, p_ok,
+                                  a10, SOFTMAX)
+            acc = _add_window_tap(acc, base, classes, c_ok, s_c, s_h, s_w, h, w, lse_ptr, off, bh, bw, ly1, lx1, p_ok,
+                                  a11, SOFTMAX)
         best, label = _argmax_update(tl.where(c_ok[:, None], acc, float("-inf")), classes, best, label)
     tl.store(labels_ptr + p, label.to(tl.int64), mask=p_ok)
     tl.store(scores_ptr + p, best, mask=p_ok)
@@ -320,21 +328,6 @@ def slide_decode(window_logits, boxes, canvas_size, size, softmax: bool):
     return labels, scores
 
 
-def _supports(name):
-    def check(tensor: torch.Tensor, info: dict):
-        if tensor.dtype not in _DTYPES:
-            return f"the Triton {name} kernel takes float32, float16 or bfloat16, got {tensor.dtype}"
-        if tensor.numel() == 0 or info.get("num_classes", 1) == 0:
-            return f"the Triton {name} kernel needs non-empty inputs, got shape {tuple(tensor.shape)}"
-        if name != "patch_text_logits" and max(tensor.shape[2:]) > MAX_SIDE:
-            return f"the Triton {name} kernel's int32 index math needs sides <= {MAX_SIDE}, got {tuple(tensor.shape)}"
-        if tensor.numel() >= 2 ** 31:
-            return f"the Triton {name} kernel indexes its input with int32, got {tensor.numel()} elements"
-        return None
-    return check
-
-
-add_kernels("triton", "patch_text_logits", {"patch_text_logits": patch_text_logits},
-            supports=_supports("patch_text_logits"))
-add_kernels("triton", "upsample_argmax", {"upsample_argmax": upsample_argmax}, supports=_supports("upsample_argmax"))
-add_kernels("triton", "slide_decode", {"slide_decode": slide_decode}, supports=_supports("slide_decode"))
+for _op, _kernel in (("patch_text_logits", patch_text_logits), ("upsample_argmax", upsample_argmax),
+                     ("slide_decode", slide_decode)):
+    add_kernels("triton", _op, {_op: _kernel}, supports=dense_supports("Triton", _op, max_elements=2 ** 31 - 1))

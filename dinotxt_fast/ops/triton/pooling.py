@@ -1,5 +1,5 @@
 """Triton patch pooling: `[cls ; mean(patches)]` of tokens [B, 1+R+P, D], with an optional fused LayerNorm and an
-optional L2 normalisation of the pooled 2D vector; forward and backward, same contract as reference.patch_pool_*.
+optional L2 normalisation of the pooled 2D vector; forward and backward, same contract as reference/pooling.py.
 
 Forward, two launches:
   `_pool_partial`   program (b, s) reads split s of image b's patch rows once, layer-norms them in registers without
@@ -20,10 +20,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ..cuda.pooling import row_splits  # host-side, shared with the CUDA kernels
 from ..dispatch import add_kernels
+from ..planning import NORM_EPS, pooling_supports, row_splits
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_NORM_EPS = tl.constexpr(NORM_EPS)
 # Every output and workspace is allocated through this, so that tests can poison them (NaN / -1).
 _empty = torch.empty
 MAX_DIM = 4096  # one row of D (padded to a power of two) lives in registers
@@ -110,7 +111,7 @@ def _pool_finalize(x_ptr, stride_b, stride_d, part_ptr, n_splits, w_ptr, bias_pt
                 patch += bias
         if NORMALIZE:
             norm = tl.sqrt(tl.sum(cls * cls, axis=0) + tl.sum(patch * patch, axis=0))
-            clamped = tl.maximum(norm, 1e-12)
+            clamped = tl.maximum(norm, _NORM_EPS)
             cls = cls / clamped
             patch = patch / clamped
     if GRAD:
@@ -119,7 +120,7 @@ def _pool_finalize(x_ptr, stride_b, stride_d, part_ptr, n_splits, w_ptr, bias_pt
         g_patch = tl.load(g_row + (D + cols) * g_stride_d, mask=ok, other=0.0).to(tl.float32)
         if NORMALIZE:  # d/dx of x / max(|x|, eps), with cls and patch now the normalised halves
             dot = tl.sum(g_cls * cls, axis=0) + tl.sum(g_patch * patch, axis=0)
-            keep = (norm > 1e-12).to(tl.float32)
+            keep = (norm > _NORM_EPS).to(tl.float32)
             g_cls = (g_cls - keep * cls * dot) / clamped
             g_patch = (g_patch - keep * patch * dot) / clamped
         tl.store(row + cols, g_cls, mask=ok)
@@ -269,19 +270,6 @@ def patch_pool_backward(grad_out, tokens, num_registers: int, ln_weight, ln_bias
     return d_tokens, sums[:d].to(ln_weight.dtype, copy=True), d_bias
 
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def supports(tokens: torch.Tensor, info: dict):
-    if tokens.dtype not in _DTYPES:
-        return f"the Triton pooling kernels take float32, float16 or bfloat16 tokens, got {tokens.dtype}"
-    if tokens.numel() == 0:
-        return f"the Triton pooling kernels need non-empty tokens, got shape {tuple(tokens.shape)}"
-    if info.get("dim", tokens.shape[-1]) > MAX_DIM:
-        return f"the Triton pooling kernels keep a row in registers: D must be <= {MAX_DIM}, got {tokens.shape[-1]}"
-    return None
-
-
 add_kernels("triton", "patch_pool",
             {"patch_pool_forward": patch_pool_forward, "patch_pool_backward": patch_pool_backward},
-            supports=supports)
+            supports=pooling_supports("Triton", MAX_DIM))

@@ -1,0 +1,159 @@
+"""What the commands share: the usage error, the model arguments and loading, the compute device and dtype, class
+names and image batches. A command that takes a model calls `add_model_args(parser)` and `load_model(args)`.
+Models are built from local official weight files only: nothing is downloaded."""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Sequence
+
+import torch
+
+PROG = "dinotxt-fast"
+DEFAULT_PRESET = "dinov2_vitl14_reg4_dinotxt"
+
+
+class CLIError(Exception):
+    """A usage problem reported as one line, without a traceback (exit code 2)."""
+
+
+# ---------------------------------------------------------------------------------------------- model loading
+def parse_override(text: str) -> tuple[str, object]:
+    """KEY=VALUE with the value parsed as YAML, exactly like `train`'s overrides (one syntax for both)."""
+    from ..train.config import ConfigError, parse_override as parse_config_override
+
+    try:
+        return parse_config_override(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    from ..models.config import PRESETS
+
+    g = p.add_argument_group("model and weights (local files of the official release; nothing is downloaded)")
+    g.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS),
+                   help=f"model preset (default: {DEFAULT_PRESET})")
+    g.add_argument("--backbone", metavar="FILE", help="backbone weights (DINOv2 or DINOv3 ViT)")
+    g.add_argument("--vision-head", metavar="FILE", help="DINOv2 release: the vision head file")
+    g.add_argument("--text-encoder", metavar="FILE", help="DINOv2 release: the text encoder file")
+    g.add_argument("--weights", metavar="FILE", help="DINOv3 release: the vision head + text encoder file")
+    g.add_argument("--override", metavar="KEY=VALUE", action="append", type=parse_override, default=[],
+                   help="DinoTxtConfig field override, repeatable (e.g. --override vision_dim=64)")
+    g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="compute dtype via autocast (default: bfloat16 on CUDA, float32 on CPU)")
+    g.add_argument("--backend", choices=("auto", "torch", "triton", "cuda"), default=None,
+                   help="kernel backend for every op (default: auto, i.e. DINOTXT_FAST_BACKEND or the dispatch's "
+                        "measured choice)")
+
+
+def resolve_device(args) -> torch.device:
+    name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise CLIError(f"invalid --device {name!r}: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+    return device
+
+
+def compute_autocast(args, device: torch.device):
+    """--dtype as an autocast context (default bfloat16 on CUDA, float32 on CPU)."""
+    from ..inference.zeroshot import autocast
+
+    name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    return autocast(device, getattr(torch, name))
+
+
+def _required_weights(preset: str) -> tuple[list[str], list[str]]:
+    """(required, forbidden) weight options for a preset's release layout."""
+    from ..models.config import PRESETS
+
+    if PRESETS[preset]["backbone"] == "dinov2":
+        return ["backbone", "vision_head", "text_encoder"], ["weights"]
+    return ["backbone", "weights"], ["vision_head", "text_encoder"]
+
+
+def check_weight_args(args) -> list[str]:
+    """The weight options the preset needs, all given and existing; else a CLIError saying what is missing."""
+    required, forbidden = _required_weights(args.preset)
+    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
+    missing = [flag(n) for n in required if not getattr(args, n)]
+    if missing:
+        raise CLIError(f"model weights are required: --preset {args.preset} needs "
+                       f"{' '.join(flag(n) + ' FILE' for n in required)} (local files of the official release; "
+                       f"nothing is downloaded); missing: {', '.join(missing)}")
+    extra = [flag(n) for n in forbidden if getattr(args, n)]
+    if extra:
+        raise CLIError(f"{', '.join(extra)} does not apply to --preset {args.preset}, which loads "
+                       f"{' '.join(flag(n) for n in required)}")
+    for n in required:
+        path = getattr(args, n)
+        if not os.path.isfile(path):
+            raise CLIError(f"{flag(n)} file not found: {path}")
+    return required
+
+
+def load_model(args):
+    """create_model(preset, **overrides) + load_official(<files>), in eval mode on the chosen device."""
+    from ..models.dinotxt import create_model
+
+    required = check_weight_args(args)
+    device = resolve_device(args)
+    try:
+        model = create_model(args.preset, **dict(args.override))
+    except TypeError as exc:  # an unknown DinoTxtConfig field in --override
+        raise CLIError(f"--override: {exc}") from None
+    model.load_official(**{n: getattr(args, n) for n in required})
+    return model.to(device).eval(), device
+
+
+# ------------------------------------------------------------------------------------------ classes and images
+def add_class_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--classes", help="comma-separated class names")
+    p.add_argument("--classes-file", metavar="FILE", help="class names, one per line")
+    p.add_argument("--templates", choices=("imagenet", "simple", "none"), default="imagenet",
+                   help="prompt templates averaged per class: the 80 CLIP ImageNet ones (default), the 7-prompt "
+                        "subset, or none (the class name itself)")
+
+
+def read_classes(args) -> list[str]:
+    if args.classes and args.classes_file:
+        raise CLIError("give either --classes or --classes-file, not both")
+    if args.classes:
+        names = [c.strip() for c in args.classes.split(",")]
+    elif args.classes_file:
+        try:
+            with open(args.classes_file, encoding="utf-8") as f:
+                names = [line.strip() for line in f]
+        except OSError as exc:
+            raise CLIError(f"cannot read --classes-file {args.classes_file}: {exc}") from None
+    else:
+        raise CLIError("give the class names with --classes a,b,c or --classes-file FILE (one per line)")
+    names = [n for n in names if n]
+    if not names:
+        raise CLIError("the class list is empty")
+    return names
+
+
+def add_transform_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resize", type=int, default=256, help="short side before the center crop (default 256)")
+    p.add_argument("--crop", type=int, default=224, help="center crop size (default 224)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+
+
+def batches(items: Sequence, size: int):
+    if size < 1:
+        raise CLIError(f"--batch-size must be >= 1, got {size}")
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def image_batches(paths: Sequence[str], args):
+    """(paths, images [B, 3, crop, crop]) chunks of --batch-size, with the official eval transform."""
+    from ..inference.images import load_classification_batch
+
+    for chunk in batches(list(paths), args.batch_size):
+        yield chunk, load_classification_batch(chunk, resize_size=args.resize, crop_size=args.crop)
