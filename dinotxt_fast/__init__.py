@@ -5,7 +5,7 @@
     model.load_official(backbone=..., vision_head=..., text_encoder=...)
     ids = dtf.tokenize(["a photo of a dog."])
 """
-from . import ops
+from . import evaluate, ops
 from .inference import IMAGENET_TEMPLATES, ZeroShotClassifier, segment
 from .models.config import PRESETS, DinoTxtConfig
 from .models.dinotxt import DinoTxt, create_model
@@ -17,5 +17,5 @@ from .version import __version__
 __all__ = [
     "__version__", "ops", "backends", "use_backend", "create_model", "DinoTxt", "DinoTxtConfig", "PRESETS", "tokenize",
     "ZeroShotClassifier", "IMAGENET_TEMPLATES", "segment",
-    "patch_model",
+    "patch_model", "evaluate",
 ]

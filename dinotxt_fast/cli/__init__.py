@@ -12,10 +12,10 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from . import bench, classify, encode, export, info, segment, train
+from . import bench, classify, encode, eval, export, info, segment, train
 from .common import PROG, CLIError
 
-COMMANDS = (info, encode, classify, segment, train, export, bench)  # in the order `--help` lists them
+COMMANDS = (info, encode, classify, segment, eval, train, export, bench)  # in the order `--help` lists them
 
 
 def build_parser() -> argparse.ArgumentParser:

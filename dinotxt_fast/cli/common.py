@@ -157,3 +157,30 @@ def image_batches(paths: Sequence[str], args):
 
     for chunk in batches(list(paths), args.batch_size):
         yield chunk, load_classification_batch(chunk, resize_size=args.resize, crop_size=args.crop)
+
+
+def positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def short_side(text: str):
+    """--short-side: a positive integer, or 'none' to keep the image's size."""
+    if text.lower() == "none":
+        return None
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'none', got {text!r}") from None
+
+
+def add_segmentation_protocol_args(p: argparse.ArgumentParser) -> None:
+    """The knobs of the official segmentation protocol (docs/design.md, "Dense use"), shared by segment and eval."""
+    p.add_argument("--mode", choices=("slide", "whole"), default="slide", help="sliding windows or whole image")
+    p.add_argument("--short-side", type=short_side, default=512,
+                   help="resize the short side to this before windowing, or 'none' (default 512)")
+    p.add_argument("--window", type=positive_int, default=384, help="window size (default 384)")
+    p.add_argument("--stride", type=positive_int, default=192, help="window stride (default 192)")
+    p.add_argument("--features", choices=("head", "backbone"), default="head",
+                   help="patch tokens of the vision head (default) or of the raw backbone")

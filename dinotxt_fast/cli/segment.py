@@ -1,25 +1,12 @@
 """`dinotxt-fast segment`: open-vocabulary segmentation of an image into a PNG overlay (and label map, mIoU)."""
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from .common import (
-    CLIError, add_class_args, add_model_args, check_weight_args, compute_autocast, load_model, read_classes,
+    CLIError, add_class_args, add_model_args, add_segmentation_protocol_args, check_weight_args, compute_autocast,
+    load_model, read_classes,
 )
-
-
-def short_side(text: str):
-    """--short-side: a positive integer, or 'none' to keep the image's size."""
-    if text.lower() == "none":
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'none', got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'none', got {text!r}")
-    return value
 
 
 def add_parser(sub):
@@ -32,13 +19,7 @@ def add_parser(sub):
     p.add_argument("--labels-out", metavar="PNG", help="also write the raw label map (pixel = class index)")
     p.add_argument("--gt", metavar="MASK", help="ground-truth label PNG (pixel = class index): print the mIoU")
     p.add_argument("--ignore-index", type=int, default=255, help="label ignored in --gt (default 255)")
-    p.add_argument("--mode", choices=("slide", "whole"), default="slide", help="sliding windows or whole image")
-    p.add_argument("--short-side", type=short_side, default=512,
-                   help="resize the short side to this before windowing, or 'none' (default 512)")
-    p.add_argument("--window", type=int, default=384, help="window size (default 384)")
-    p.add_argument("--stride", type=int, default=192, help="window stride (default 192)")
-    p.add_argument("--features", choices=("head", "backbone"), default="head",
-                   help="patch tokens of the vision head (default) or of the raw backbone")
+    add_segmentation_protocol_args(p)
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity in [0, 1] (default 0.5)")
     p.add_argument("--batch-size", type=int, default=16, help="windows per forward pass (default 16)")
     add_model_args(p)
