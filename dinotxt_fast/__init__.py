@@ -9,6 +9,9 @@ from . import evaluate, ops
 from .inference import IMAGENET_TEMPLATES, ZeroShotClassifier, segment
 from .models.config import PRESETS, DinoTxtConfig
 from .models.dinotxt import DinoTxt, create_model
+from .models.foreign import load_backbone
+from .models.onnx_export import export_onnx
+from .models.pretrained import from_pretrained
 from .models.tokenizer import tokenize
 from .nn import patch_model
 from .ops import backends, use_backend
@@ -17,5 +20,5 @@ from .version import __version__
 __all__ = [
     "__version__", "ops", "backends", "use_backend", "create_model", "DinoTxt", "DinoTxtConfig", "PRESETS", "tokenize",
     "ZeroShotClassifier", "IMAGENET_TEMPLATES", "segment",
-    "patch_model", "evaluate",
+    "patch_model", "from_pretrained", "load_backbone", "export_onnx", "evaluate",
 ]

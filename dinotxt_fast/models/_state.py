@@ -1,7 +1,8 @@
 """Strict state-dict checking with one readable error (shared by every loader in `dinotxt_fast.models`)."""
 from __future__ import annotations
 
-from typing import Mapping, NamedTuple, Sequence
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
 
 import torch
 
@@ -13,9 +14,30 @@ class StateDictError(ValueError):
     """A state dict does not have the expected keys or shapes (the message lists every problem)."""
 
 
-class StateDictCheck(NamedTuple):
+@dataclass
+class LoadReport:
+    """What a load took from a checkpoint, with keys named as they are in the file.
+
+    `loaded_keys`: the file's keys that were used; `missing_keys`: expected keys the file lacks (non-strict loads
+    keep the current values there); `unexpected_keys`: the file's keys nothing uses; `filled_keys`: official keys
+    the file's layout does not carry, set to their defined values (e.g. the unused mask token); `layout`: the
+    detected layout ("official DINOv2 backbone", "timm ...", "Hugging Face transformers ...")."""
+
     missing_keys: list[str]
     unexpected_keys: list[str]
+    loaded_keys: list[str] = field(default_factory=list)
+    filled_keys: list[str] = field(default_factory=list)
+    layout: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        parts = [f"{len(self.loaded_keys)} tensors loaded"]
+        for name, keys in (("missing", self.missing_keys), ("unexpected", self.unexpected_keys),
+                           ("filled", self.filled_keys)):
+            if keys:
+                parts.append(f"{len(keys)} {name}")
+        head = f"{self.layout}: " if self.layout else ""
+        return head + ", ".join(parts) + "".join(f"; {note}" for note in self.notes)
 
 
 def _listing(title: str, items: Sequence[str]) -> str:
@@ -47,12 +69,13 @@ def check_state_dict(
     *,
     strict: bool = True,
     what: str = "state dict",
-) -> StateDictCheck:
+) -> LoadReport:
     """Compare `given` (name -> tensor) against `expected` (name -> shape).
 
     Raises `StateDictError` listing missing keys, unexpected keys and shape mismatches together (missing and
-    unexpected keys only when `strict`; a wrong shape or a non-tensor value always). Returns the missing and
-    unexpected keys so that a non-strict caller can report them.
+    unexpected keys only when `strict`; a wrong shape or a non-tensor value always), and, when not `strict`, when
+    no given key is expected at all (a non-strict load would otherwise "succeed" loading nothing). Returns the
+    loaded, missing and unexpected keys so that a non-strict caller can report them.
     """
     if not isinstance(given, Mapping):
         raise StateDictError(f"{what}: expected a mapping of parameter names to tensors, got {type(given).__name__}")
@@ -74,7 +97,13 @@ def check_state_dict(
         sections.append(_listing("unexpected keys", unexpected))
     if problems:
         sections.append(_listing("shape/type mismatches", problems))
+    loaded = [k for k in given if k in expected]
+    if not strict and expected and not loaded and not problems:
+        sections += [_listing("expected keys", list(expected)), _listing("given keys", [str(k) for k in given])]
+        hint = _prefix_hint(list(expected), [str(k) for k in given])
+        raise StateDictError(f"{what}: none of its {len(given)} keys matches the model (strict=False loads what "
+                             "matches, and nothing does):\n" + "\n".join(sections) + hint)
     if sections:
         hint = _prefix_hint(list(expected), [str(k) for k in given]) if strict and missing and unexpected else ""
         raise StateDictError(f"{what} does not match the model:\n" + "\n".join(sections) + hint)
-    return StateDictCheck(missing, unexpected)
+    return LoadReport(missing, unexpected, loaded)

@@ -7,6 +7,7 @@ Our modules use the official parameter names, so only three things need mapping:
 """
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Optional, Union
 import torch
 
 from .._files import atomic_write
+from .layouts import detect_layout
 
 StateDict = dict[str, torch.Tensor]
 Source = Union[str, os.PathLike, Mapping]
@@ -23,6 +25,9 @@ Source = Union[str, os.PathLike, Mapping]
 _WRAPPER_KEYS = ("state_dict", "model", "module")
 # Prefixes that wrap every key: DistributedDataParallel and torch.compile.
 _STRIPPED_PREFIXES = ("module.", "_orig_mod.")
+# The weights of a Hugging Face style model folder, in the order they are looked for.
+FOLDER_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                  "pytorch_model.bin.index.json")
 
 V2_HEAD_LIST = "block_list."
 HEAD_LIST = "blocks."
@@ -44,7 +49,8 @@ def describe(source: Source) -> str:
 
 
 def load_state_dict(source: Source, *, name: str = "checkpoint") -> StateDict:
-    """Read a state dict from a path (.pth/.pt/.bin via torch.load, .safetensors) or take a mapping as is.
+    """Read a state dict from a path (.pth/.pt/.bin via torch.load, .safetensors; a model folder holding one of
+    FOLDER_WEIGHTS, sharded ones with their index) or take a mapping as is.
 
     Nested wrappers ({"model": ...}, {"state_dict": ...}) and DDP / torch.compile key prefixes are removed.
     `name` says which checkpoint it is in error messages ("backbone", "vision_head", ...).
@@ -57,8 +63,49 @@ def load_state_dict(source: Source, *, name: str = "checkpoint") -> StateDict:
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(f"{name} checkpoint not found: {os.fspath(path)!r}")
+    if path.is_dir():
+        path = folder_weights(path, name)
     if not path.is_file():
         raise CheckpointError(f"{name} checkpoint {os.fspath(path)!r} is not a file")
+    if path.name.endswith(".index.json"):
+        return _read_shards(path, name)
+    return _read_file(path, name)
+
+
+def folder_weights(folder: Path, name: str = "checkpoint") -> Path:
+    """The weights file of a model folder (FOLDER_WEIGHTS, first found), or a CheckpointError naming the folder."""
+    for candidate in FOLDER_WEIGHTS:
+        if (folder / candidate).is_file():
+            return folder / candidate
+    raise CheckpointError(f"{name} checkpoint {os.fspath(folder)!r} is a folder without {', '.join(FOLDER_WEIGHTS)} "
+                          "(not a file)")
+
+
+def read_json(path: Path, what: str) -> dict:
+    """A JSON object from `path`, or a CheckpointError naming the file and the problem."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cannot read {what} {os.fspath(path)!r} (corrupt or not JSON): {exc}") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{what} {os.fspath(path)!r} holds a JSON {type(value).__name__}, not an object")
+    return value
+
+
+def _read_shards(index: Path, name: str) -> StateDict:
+    weight_map = read_json(index, f"{name} shard index").get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{name} shard index {os.fspath(index)!r} has no weight_map")
+    out: StateDict = {}
+    for shard in sorted(set(weight_map.values())):
+        shard_path = index.parent / shard
+        if not shard_path.is_file():
+            raise CheckpointError(f"{name} shard {os.fspath(shard_path)!r} named by {index.name} is missing")
+        out.update(_read_file(shard_path, name))
+    return out
+
+
+def _read_file(path: Path, name: str) -> StateDict:
     if path.suffix == ".safetensors":
         obj = _read_safetensors(path, name)
     else:
@@ -107,16 +154,17 @@ def _strip_prefixes(sd: StateDict) -> StateDict:
     return sd
 
 
-def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: Union[str, os.PathLike]) -> Path:
+def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: Union[str, os.PathLike],
+                    metadata: Optional[dict] = None) -> Path:
     """Write a state dict atomically (temporary file in the same folder, fsync, os.replace).
 
-    `.safetensors` paths are written with safetensors, anything else with torch.save.
+    `.safetensors` paths are written with safetensors (with `metadata`, str -> str), anything else with torch.save.
     """
     def write(f) -> None:
         if Path(path).suffix == ".safetensors":
             from safetensors.torch import save
             # safetensors refuses views and shared storage: give it plain contiguous copies.
-            f.write(save({k: v.detach().contiguous().clone() for k, v in state_dict.items()}))
+            f.write(save({k: v.detach().contiguous().clone() for k, v in state_dict.items()}, metadata=metadata))
         else:
             torch.save(dict(state_dict), f)
 
@@ -185,13 +233,9 @@ def guess_part(sd: Mapping[str, torch.Tensor]) -> Optional[tuple[str, str]]:
 
 
 def backbone_kind(sd: Mapping[str, torch.Tensor]) -> Optional[str]:
-    """"dinov2" (learned pos_embed, register_tokens), "dinov3" (storage_tokens, RoPE) or None."""
-    keys = set(sd)
-    if "storage_tokens" in keys or any(k.startswith("rope_embed.") for k in keys):
-        return "dinov3"
-    if "pos_embed" in keys or "register_tokens" in keys:
-        return "dinov2"
-    return None
+    """"dinov2", "dinov3" or None: the family of a backbone state dict in any layout of models/layouts.py."""
+    layout = detect_layout(sd)
+    return None if layout is None else layout.family
 
 
 def _short(keys: list, limit: int = 20) -> str:

@@ -12,9 +12,12 @@ from torch import nn
 
 from .. import ops
 from . import checkpoint as ckpt
-from ._state import StateDictError, check_state_dict
+from ._state import LoadReport, StateDictError, check_state_dict
 from .config import DinoTxtConfig, make_config
+from .foreign import (BackboneSource, describe_backbone, infer_backbone_fields, load_backbone_state, matching_preset,
+                      read_backbone)
 from .head import VisionHead
+from .layouts import detect_layout, official_layout
 from .text import TextTower
 from .vit import build_backbone
 
@@ -28,9 +31,11 @@ class DinoTxt(nn.Module):
     """DINO.txt (arXiv 2412.16334). Attributes: `backbone` (frozen ViT), `head` (VisionHead), `text`
     (TextTower), `logit_scale` (0-d parameter, the log of the contrastive temperature's inverse)."""
 
-    def __init__(self, config: DinoTxtConfig):
+    def __init__(self, config: DinoTxtConfig, preset: Optional[str] = None):
         super().__init__()
         self.config = config
+        self.preset = preset  # the preset it was made from (create_model), kept by save_pretrained
+        self.load_report: dict[str, LoadReport] = {}  # what the last load_official call loaded, per file
         self.backbone = build_backbone(config)
         self.head = VisionHead(config)
         self.text = TextTower(config)
@@ -106,8 +111,12 @@ class DinoTxt(nn.Module):
         DINOv2 release: `backbone`, `vision_head`, `text_encoder`. DINOv3 release: `backbone` and `weights`
         (the single file with visual_model.head.*, text_model.*, logit_scale). Parts left out keep their
         current values. Every file is read and checked before anything is loaded, so a failed call leaves
-        the model unchanged. `strict=False` tolerates missing and unexpected keys, never shape mismatches.
-        A vision head saved with `blocks.*` keys (our / the v3 naming) is accepted for `block_list.*`.
+        the model unchanged. `strict=False` tolerates missing and unexpected keys, never shape mismatches, and
+        refuses a file of which no key matches. A vision head saved with `blocks.*` keys (our / the v3 naming) is
+        accepted for `block_list.*`. `backbone` may also be in the timm or Hugging Face transformers layout (a
+        file, a transformers model folder, or a state dict; models/foreign.py), detected and converted.
+        `self.load_report` then maps each given name to its LoadReport (detected layout, loaded / missing /
+        unexpected / filled keys in the file's names).
         """
         kind = self.config.backbone
         given = {"backbone": backbone, "vision_head": vision_head, "text_encoder": text_encoder,
@@ -122,67 +131,83 @@ class DinoTxt(nn.Module):
             raise ValueError(f"{', '.join(w + '=' for w in wrong)} belong to the {other} release, but this is a "
                              f"{kind} model, whose release files are {', '.join(_RELEASE_FILES[kind])}")
 
-        states = {name: ckpt.load_state_dict(src, name=name) for name, src in given.items()}
-        origins = {name: ckpt.describe(src) for name, src in given.items()}
+        sources = {name: (read_backbone(src) if name == "backbone" else
+                          BackboneSource(ckpt.load_state_dict(src, name=name), ckpt.describe(src)))
+                   for name, src in given.items()}
+        reports: dict[str, LoadReport] = {}
         staged = []  # (module, state dict in its layout): all checked before anything is loaded
         new_logit_scale = None
-        backbone_sd, backbone_origin = states.get("backbone"), origins.get("backbone")
+        backbone_src = sources.get("backbone")
         # Files are checked in their own key layout, so errors name the keys as they are in the file.
-        if "vision_head" in states:
-            head_sd = states["vision_head"]
+        if "vision_head" in sources:
+            head_sd, origin = sources["vision_head"].state_dict, sources["vision_head"].origin
             if not any(k.startswith(ckpt.V2_HEAD_LIST) for k in head_sd):
                 head_sd = ckpt.head_to_v2(head_sd)
-            _check_dict(ckpt.head_to_v2(self.head.state_dict()), head_sd, "vision_head", origins["vision_head"],
-                        strict)
+            reports["vision_head"] = _check_dict(ckpt.head_to_v2(self.head.state_dict()), head_sd, "vision_head",
+                                                 origin, strict, "official DINOv2 DINO.txt vision head")
             staged.append((self.head, ckpt.head_from_v2(head_sd)))
-        if "text_encoder" in states:
-            _check_dict(self.text.state_dict(), states["text_encoder"], "text_encoder", origins["text_encoder"],
-                        strict)
-            staged.append((self.text, states["text_encoder"]))
-        if "weights" in states:
-            parts = ckpt.split_v3_weights(states["weights"])
+        if "text_encoder" in sources:
+            text_sd, origin = sources["text_encoder"].state_dict, sources["text_encoder"].origin
+            reports["text_encoder"] = _check_dict(self.text.state_dict(), text_sd, "text_encoder", origin, strict,
+                                                  "official DINO.txt text encoder")
+            staged.append((self.text, text_sd))
+        if "weights" in sources:
+            full, origin = sources["weights"].state_dict, sources["weights"].origin
+            parts = ckpt.split_v3_weights(full)
             if parts["backbone"]:
-                if backbone_sd is not None:
-                    raise ValueError(f"weights ({origins['weights']}) holds backbone entries "
+                if backbone_src is not None:
+                    raise ValueError(f"weights ({origin}) holds backbone entries "
                                      f"(visual_model.backbone.*) and backbone= was given too: pass one of them")
-                backbone_sd = parts["backbone"]
-                backbone_origin = f"{origins['weights']}, visual_model.backbone.*"
-            self._check_v3_weights(states["weights"], parts, origins["weights"], strict)
+                backbone_src = BackboneSource(parts["backbone"], f"{origin}, visual_model.backbone.*")
+            reports["weights"] = self._check_v3_weights(full, parts, origin, strict)
             staged += [(self.head, parts["head"]), (self.text, parts["text"])]
             new_logit_scale = parts["logit_scale"]
 
-        if backbone_sd is not None:
-            self._load_backbone(backbone_sd, backbone_origin, strict)
+        if backbone_src is not None:
+            reports["backbone"] = self._load_backbone(backbone_src, strict)
         for module, sd in staged:
             module.load_state_dict(sd, strict=False)  # already checked, with the caller's strictness
         if new_logit_scale is not None:
             with torch.no_grad():
                 self.logit_scale.copy_(new_logit_scale)
+        self.load_report = reports
         return self
 
-    def _check_v3_weights(self, full: dict, parts: dict, origin: str, strict: bool) -> None:
+    def _check_v3_weights(self, full: dict, parts: dict, origin: str, strict: bool) -> LoadReport:
         # Check the file against the full expected v3 layout so errors name the keys as they are in the file.
         expected = ckpt.join_v3_weights(self.head.state_dict(), self.text.state_dict(), self.logit_scale)
         given = {k: v for k, v in full.items() if not k.startswith(ckpt.V3_BACKBONE_PREFIX)}
         if ckpt.LOGIT_SCALE in given:
             given[ckpt.LOGIT_SCALE] = parts["logit_scale"].reshape(1)  # accept 0-d as well as [1]
-        _check_dict(expected, given, "weights", origin, strict)
+        return _check_dict(expected, given, "weights", origin, strict, "official DINOv3 DINO.txt weights")
 
-    def _load_backbone(self, sd: dict, origin: str, strict: bool) -> None:
-        kind = self.config.backbone
-        found = ckpt.backbone_kind(sd)
-        if found is not None and found != kind:
-            preset = "dinov3_vitl16_dinotxt" if found == "dinov3" else "dinov2_vitl14_reg4_dinotxt"
-            raise ValueError(f"backbone ({origin}) is a {found} backbone but this model's backbone is {kind}; "
-                             f"create a matching model, e.g. create_model({preset!r})")
-        if found is None:
+    def _load_backbone(self, src: BackboneSource, strict: bool) -> LoadReport:
+        kind, sd, origin = self.config.backbone, src.state_dict, src.origin
+        layout = detect_layout(sd)
+        if layout is not None and layout.family != kind:
+            preset = _preset_for(sd, layout) or ("dinov3_vitl16_dinotxt" if layout.family == "dinov3"
+                                                 else "dinov2_vitl14_reg4_dinotxt")
+            raise ValueError(f"backbone ({origin}) is a {layout.family} backbone but this model's backbone is {kind} "
+                             f"(layout: {layout.title}); create a matching model, e.g. create_model({preset!r})")
+        if layout is None:
             guess = ckpt.guess_part(sd)
             if guess is not None:
                 raise ValueError(f"backbone ({origin}) does not look like a {kind} backbone: it looks like {guess[1]}")
+            layout = official_layout(kind)  # checked as the official layout: the error lists every key
         try:
-            self.backbone.load_official_state_dict(sd, strict=strict)
+            return load_backbone_state(self.backbone, sd, layout, strict=strict, what=f"backbone ({origin})",
+                                       hf_config=src.hf_config, hf_config_path=src.hf_config_path)
         except StateDictError as exc:
-            raise StateDictError(f"backbone ({origin}): {exc}") from None
+            fields = _fields_or_none(sd, layout, src.hf_config)
+            hint = f"\n  the file holds {describe_backbone(fields)}" if fields else ""
+            raise StateDictError(f"{exc}{hint}") from None
+
+    def save_pretrained(self, directory: Union[str, os.PathLike]) -> Path:
+        """Write the model folder: config.json (preset, every DinoTxtConfig field, logit scale) and model.safetensors
+        (every tensor, in its dtype); `dinotxt_fast.from_pretrained(directory)` rebuilds the model exactly."""
+        from .pretrained import save_pretrained  # pretrained.py builds DinoTxt models: imported here, not at the top
+
+        return save_pretrained(self, directory)
 
     def export_official(self, out_dir: Optional[Union[str, os.PathLike]] = None) -> dict[str, dict]:
         """The official release layout: dinov2 {"backbone", "vision_head", "text_encoder"}, dinov3
@@ -205,16 +230,31 @@ def _cpu_copy(sd: dict) -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in sd.items()}
 
 
-def _check_dict(expected: dict, sd: dict, name: str, origin: str, strict: bool) -> None:
+def _check_dict(expected: dict, sd: dict, name: str, origin: str, strict: bool, layout: str) -> LoadReport:
     try:
-        check_state_dict({k: v.shape for k, v in expected.items()}, sd, strict=strict, what=f"{name} ({origin})")
+        report = check_state_dict({k: v.shape for k, v in expected.items()}, sd, strict=strict,
+                                  what=f"{name} ({origin})")
     except StateDictError as exc:
         guess = ckpt.guess_part(sd)
         if guess is None or guess[0] == name:
             raise
         raise StateDictError(f"{exc}\n  this looks like {guess[1]}, not the {name} file") from None
+    report.layout = layout
+    return report
+
+
+def _fields_or_none(sd: dict, layout, hf_config) -> Optional[dict]:
+    try:
+        return infer_backbone_fields(sd, layout, hf_config)
+    except (StateDictError, KeyError, AttributeError, IndexError):
+        return None  # too broken to describe; the error itself lists the keys
+
+
+def _preset_for(sd: dict, layout) -> Optional[str]:
+    fields = _fields_or_none(sd, layout, None)
+    return matching_preset(fields) if fields else None
 
 
 def create_model(preset: str = "dinov2_vitl14_reg4_dinotxt", **overrides) -> DinoTxt:
     """A randomly initialised DinoTxt for a preset, with DinoTxtConfig field overrides (tiny models for tests)."""
-    return DinoTxt(make_config(preset, **overrides))
+    return DinoTxt(make_config(preset, **overrides), preset=preset)

@@ -4,7 +4,9 @@ Parameter names follow the official DINOv2 / DINOv3 / DINO.txt modules so their 
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+import contextlib
+import contextvars
+from typing import Callable, Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -18,9 +20,47 @@ __all__ = [
     "LayerScale",
     "Mlp",
     "SwiGLUFFN",
+    "SwiGLUFFNFused",
     "apply_rope",
     "drop_add_residual_stochastic_depth",
+    "is_traceable",
+    "traceable",
 ]
+
+_TRACEABLE = contextvars.ContextVar("dinotxt_fast_traceable", default=False)
+
+
+@contextlib.contextmanager
+def traceable() -> Iterator[None]:
+    """Run the models with plain PyTorch operations only, for torch.export and the ONNX exporter.
+
+    dinotxt_fast.ops' fused kernels are torch.library custom ops, opaque to an exporter. In this mode attention runs
+    F.scaled_dot_product_attention, position tables are computed in the graph instead of cached, and the text
+    tower runs all positions without its host-synced truncation: the same model, to fp32 rounding."""
+    token = _TRACEABLE.set(True)
+    try:
+        yield
+    finally:
+        _TRACEABLE.reset(token)
+
+
+@torch.compiler.assume_constant_result  # read while torch.compile traces: a constant of the compiled graph
+def is_traceable() -> bool:
+    """True inside `traceable()`."""
+    return _TRACEABLE.get()
+
+
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, lengths: Optional[Tensor] = None) -> Tensor:
+    """ops.attention's semantics on [B, N, H, Dh] tensors with F.scaled_dot_product_attention (traceable)."""
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    mask = None
+    if lengths is not None:
+        keys = torch.arange(k.shape[2], device=k.device)
+        mask = (keys[None, :] < lengths[:, None])[:, None, None, :]  # [B, 1, 1, Nk]
+        if causal:
+            mask = mask & torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
+    return o.transpose(1, 2)
 
 
 def _rotate_half(x: Tensor) -> Tensor:
@@ -96,9 +136,12 @@ class Attention(nn.Module):
         q, k, v = qkv.unbind(2)  # strided views [B, N, H, Dh], no copies
         if rope is not None:
             q, k = apply_rope(q, k, rope)
-        # lengths only when given, so stand-ins for ops.attention with the older signature keep working
-        extra = {} if lengths is None else {"lengths": lengths}
-        o = ops.attention(q, k, v, causal=self.causal, **extra)
+        if is_traceable():
+            o = sdpa_attention(q, k, v, self.causal, lengths)
+        else:
+            # lengths only when given, so stand-ins for ops.attention with the older signature keep working
+            extra = {} if lengths is None else {"lengths": lengths}
+            o = ops.attention(q, k, v, causal=self.causal, **extra)
         return self.proj(o.reshape(b, n, c))
 
 
@@ -151,6 +194,20 @@ class SwiGLUFFN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.w3(F.silu(self.w1(x)) * self.w2(x))
+
+
+class SwiGLUFFNFused(nn.Module):
+    """w3(silu(x1) * x2) with [x1, x2] = w12 x: one projection for both halves (the DINOv2 ViT-g/14 key layout,
+    dinov2/layers/swiglu_ffn.py)."""
+
+    def __init__(self, dim: int, hidden: int, bias: bool = True) -> None:
+        super().__init__()
+        self.w12 = nn.Linear(dim, 2 * hidden, bias=bias)
+        self.w3 = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x1, x2 = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(x1) * x2)
 
 
 def drop_path(x: Tensor, drop_prob: float) -> Tensor:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .config import DinoTxtConfig
-from .layers import Attention, Mlp
+from .layers import Attention, Mlp, is_traceable
 
 TEXT_LN_EPS = 1e-5
 TEXT_MLP_RATIO = 4
@@ -113,17 +113,22 @@ class TextTower(nn.Module):
         torch.compile with static shapes)."""
         self.check_ids(ids)
         eot = ids.argmax(dim=-1)  # first occurrence of the largest id: the first EOT, as the official pooling
+        if is_traceable():
+            # No host sync for an exported graph: all positions, no key masking (same result, see the docstring).
+            return self._encode(ids, eot, None)
         # One host sync for the value check and the truncation length together.
         low, high, longest = torch.stack([ids.min(), ids.max(), eot.max()]).tolist()
         if low < 0 or high >= self.vocab_size:
             raise ValueError(f"token ids must lie in [0, {self.vocab_size}), got values in [{low}, {high}]")
         if truncate:
             ids = ids[:, : longest + 1]
-        backbone = self.backbone
-        x = backbone.token_embedding(ids) + backbone.positional_embedding[: ids.shape[1]]
         # Keys after each text's EOT are masked: the pooled EOT token never sees them (causal), so the result is
         # unchanged, and the attention kernels skip those key blocks.
-        lengths = eot + 1
+        return self._encode(ids, eot, eot + 1)
+
+    def _encode(self, ids: torch.Tensor, eot: torch.Tensor, lengths: Optional[torch.Tensor]) -> torch.Tensor:
+        backbone = self.backbone
+        x = backbone.token_embedding(ids) + backbone.positional_embedding[: ids.shape[1]]
         for block in backbone.blocks:
             x = block(x, lengths=lengths)
         pooled = x[torch.arange(x.shape[0], device=x.device), eot]

@@ -9,60 +9,18 @@ position-embedding resize to an explicit size, no offset) and facebookresearch/d
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
-from typing import Dict, Hashable, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._state import StateDictCheck, StateDictError, check_state_dict
+from ._state import LoadReport, StateDictError, check_state_dict
+from ._tables import TableCache, tensor_state
 from .config import DinoTxtConfig
-from .layers import Attention, LayerScale, Mlp, init_vit_weights
+from .layers import Attention, LayerScale, Mlp, SwiGLUFFN, SwiGLUFFNFused, init_vit_weights, is_traceable
 
 __all__ = ["DinoV2Backbone", "DinoV3Backbone", "RopePositionEmbedding", "build_backbone"]
-
-_CACHE_SIZE = 16  # grid sizes kept per cache (segmentation uses one or two; varied sizes must not leak memory)
-
-
-def _tensor_state(t: Tensor) -> Optional[tuple]:
-    """What identifies the current values of `t`: storage, in-place-mutation counter, device, dtype.
-
-    None for inference tensors, which have no version counter (they are then never cached)."""
-    if t.is_inference():
-        return None
-    return (t.data_ptr(), t._version, t.device, t.dtype)
-
-
-class _TableCache:
-    """Small LRU cache of derived tensors (resized position embeddings, RoPE tables)."""
-
-    def __init__(self) -> None:
-        self._entries: "OrderedDict[Hashable, object]" = OrderedDict()
-
-    def clear(self) -> None:
-        self._entries.clear()
-
-    def get(self, key: Hashable):
-        value = self._entries.get(key)
-        if value is None:
-            return None
-        # Tables made under inference_mode cannot be saved for backward outside of it: rebuild those.
-        if not torch.is_inference_mode_enabled() and any(t.is_inference() for t in _tensors(value)):
-            return None
-        self._entries.move_to_end(key)
-        return value
-
-    def put(self, key: Hashable, value) -> None:
-        self._entries[key] = value
-        self._entries.move_to_end(key)
-        while len(self._entries) > _CACHE_SIZE:
-            self._entries.popitem(last=False)
-
-
-def _tensors(value):
-    return value if isinstance(value, tuple) else (value,)
-
 
 def _clear_cache_after_load(module: nn.Module, incompatible_keys) -> None:
     module.clear_cache()
@@ -87,16 +45,16 @@ class PatchEmbed(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm ViT block: x + ls1(attn(norm1 x)); x + ls2(mlp(norm2 x))."""
+    """Pre-norm ViT block: x + ls1(attn(norm1 x)); x + ls2(mlp(norm2 x)). `mlp` is an Mlp or a SwiGLU FFN class."""
 
     def __init__(self, dim: int, num_heads: int, mlp_hidden: int, eps: float, init_values: float,
-                 mask_k_bias: bool = False) -> None:
+                 mask_k_bias: bool = False, mlp: type = Mlp) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, num_heads, qkv_bias=True, proj_bias=True, mask_k_bias=mask_k_bias)
         self.ls1 = LayerScale(dim, init_values)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
-        self.mlp = Mlp(dim, mlp_hidden, bias=True)
+        self.mlp = mlp(dim, mlp_hidden, bias=True)
         self.ls2 = LayerScale(dim, init_values)
 
     def forward(self, x: Tensor, rope: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
@@ -108,6 +66,7 @@ class _ViTBackbone(nn.Module):
     """Shared skeleton: input checks, patch embedding, blocks, final norm, official state-dict I/O."""
 
     family = ""  # "DINOv2" | "DINOv3", for messages
+    swiglu = SwiGLUFFN  # the family's SwiGLU key layout (vision_ffn="swiglu")
 
     def __init__(self, config: DinoTxtConfig, init_values: float, mask_k_bias: bool) -> None:
         super().__init__()
@@ -122,14 +81,15 @@ class _ViTBackbone(nn.Module):
         self.num_prefix_tokens = 1 + config.num_register_tokens
         self._init_values = init_values
         self._mask_k_bias = mask_k_bias
-        self._cache = _TableCache()
+        self._cache = TableCache()
         self.register_load_state_dict_post_hook(_clear_cache_after_load)
 
     def _make_blocks(self) -> nn.ModuleList:
         c = self.config
+        mlp = Mlp if c.vision_ffn == "mlp" else self.swiglu
         return nn.ModuleList(
             Block(c.vision_dim, c.vision_heads, c.vision_mlp_hidden, c.backbone_eps, self._init_values,
-                  mask_k_bias=self._mask_k_bias)
+                  mask_k_bias=self._mask_k_bias, mlp=mlp)
             for _ in range(c.vision_depth))
 
     def _apply(self, fn, recurse=True):
@@ -140,7 +100,7 @@ class _ViTBackbone(nn.Module):
         """Drop cached position tables. Needed only after editing parameters through `.data`, which (unlike
         `load_state_dict`, optimizers or in-place ops under no_grad) bypasses the version counter."""
         for module in self.modules():
-            if isinstance(getattr(module, "_cache", None), _TableCache):
+            if isinstance(getattr(module, "_cache", None), TableCache):
                 module._cache.clear()
 
     # ----------------------------------------------------------------------------------------------- input
@@ -185,7 +145,7 @@ class _ViTBackbone(nn.Module):
     def _official_shapes(self) -> Dict[str, Tuple[int, ...]]:
         return {k: tuple(v.shape) for k, v in self.official_state_dict().items()}
 
-    def load_official_state_dict(self, state_dict, strict: bool = True) -> StateDictCheck:
+    def load_official_state_dict(self, state_dict, strict: bool = True) -> LoadReport:
         """Load an official backbone checkpoint (already read into a dict of tensors).
 
         `strict` (default): every official key must be present and nothing else; otherwise missing keys keep
@@ -208,6 +168,7 @@ class DinoV2Backbone(_ViTBackbone):
     """DINOv2 ViT with registers (hub `dinov2_vitl14_reg`: LayerScale 1.0 at init, LayerNorm eps 1e-6)."""
 
     family = "DINOv2"
+    swiglu = SwiGLUFFNFused  # ViT-g/14: mlp.w12 (both halves), mlp.w3
 
     def __init__(self, config: DinoTxtConfig) -> None:
         super().__init__(config, init_values=1.0, mask_k_bias=False)
@@ -241,7 +202,8 @@ class DinoV2Backbone(_ViTBackbone):
         g, d = self.pos_embed_grid, self.embed_dim
         pos_embed = self.pos_embed.float()
         patch_pos = pos_embed[:, 1:].reshape(1, g, g, d).permute(0, 3, 1, 2)
-        patch_pos = F.interpolate(patch_pos, size=(h, w), mode="bicubic", antialias=True)
+        antialias = self.config.pos_embed_antialias
+        patch_pos = F.interpolate(patch_pos, size=(h, w), mode="bicubic", antialias=antialias)
         patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, h * w, d)
         return torch.cat((pos_embed[:, :1], patch_pos), dim=1)
 
@@ -252,12 +214,14 @@ class DinoV2Backbone(_ViTBackbone):
         `dtype`, and cached per (grid, dtype, device, pos_embed values) unless a gradient to pos_embed is needed.
         """
         g = self.pos_embed_grid
+        if is_traceable():  # exported graphs take any grid: no branch on the symbolic size (same size is exact)
+            return self._resize_pos_embed(h, w).to(dtype)
         if (h, w) == (g, g):
             return self.pos_embed
         # Under torch.compile the resize is traced into the graph instead (the cache is Python-side state).
         if torch.compiler.is_compiling() or (torch.is_grad_enabled() and self.pos_embed.requires_grad):
             return self._resize_pos_embed(h, w).to(dtype)
-        state = _tensor_state(self.pos_embed)
+        state = tensor_state(self.pos_embed)
         if state is None:
             return self._resize_pos_embed(h, w).to(dtype)
         key = ("pos_embed", h, w, dtype) + state
@@ -296,7 +260,7 @@ class RopePositionEmbedding(nn.Module):
         self.base = base
         self.head_dim = embed_dim // num_heads
         self.register_buffer("periods", self.compute_periods(), persistent=True)
-        self._cache = _TableCache()
+        self._cache = TableCache()
 
     def compute_periods(self) -> Tensor:
         d = self.head_dim
@@ -324,9 +288,9 @@ class RopePositionEmbedding(nn.Module):
 
     def forward(self, h: int, w: int) -> Tuple[Tensor, Tensor]:
         """(sin, cos), each [h*w, head_dim], cached per grid size and periods device/dtype/values."""
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or is_traceable():
             return self._compute(h, w)
-        state = _tensor_state(self.periods)
+        state = tensor_state(self.periods)
         if state is None:
             return self._compute(h, w)
         key = (h, w) + state
@@ -389,7 +353,8 @@ class DinoV3Backbone(_ViTBackbone):
     def _bias_mask_keys(self):
         return [(f"blocks.{i}.attn.qkv.bias", f"blocks.{i}.attn.qkv.bias_mask") for i in range(self.depth)]
 
-    def _standard_bias_mask(self, like: Tensor) -> Tensor:
+    def standard_bias_mask(self, like: Tensor) -> Tensor:
+        """The official key-bias mask (ones, zeros on the key third) in the dtype and device of `like`."""
         d = self.embed_dim
         mask = torch.ones(3 * d, dtype=like.dtype, device=like.device)
         mask[d:2 * d] = 0
@@ -403,7 +368,7 @@ class DinoV3Backbone(_ViTBackbone):
         for key, value in self.state_dict().items():
             out[key] = value
             if key in masks:
-                out[masks[key]] = self._standard_bias_mask(value)
+                out[masks[key]] = self.standard_bias_mask(value)
         return out
 
     def _convert_official(self, state_dict) -> Dict[str, Tensor]:
@@ -411,7 +376,7 @@ class DinoV3Backbone(_ViTBackbone):
         for bias_key, mask_key in self._bias_mask_keys():
             if mask_key in state_dict:
                 mask = state_dict[mask_key]
-                expected = self._standard_bias_mask(mask.float())
+                expected = self.standard_bias_mask(mask.float())
                 if not torch.equal(mask.detach().float(), expected):
                     raise StateDictError(
                         f"{mask_key} is not the DINOv3 key-bias mask (ones, zeros on entries "
@@ -419,7 +384,7 @@ class DinoV3Backbone(_ViTBackbone):
             if bias_key in own:
                 bias = own[bias_key]
                 # Multiplying by 1 or 0 is exact: this is the official runtime `bias * bias_mask`.
-                own[bias_key] = bias * self._standard_bias_mask(bias)
+                own[bias_key] = bias * self.standard_bias_mask(bias)
         periods_key = "rope_embed.periods"
         if periods_key in own:
             given = own[periods_key].detach()
