@@ -15,7 +15,7 @@ HEAD_MLP_RATIO = 4
 
 @dataclass
 class DinoTxtConfig:
-    """Every size of a DINO.txt model. Field names are part of the public API (DESIGN.md section 3)."""
+    """Every size of a DINO.txt model. Field names are part of the public API (docs/design.md, "Public API")."""
 
     backbone: str = "dinov2"            # "dinov2" | "dinov3"
     vision_dim: int = 1024
