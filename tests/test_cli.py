@@ -2,6 +2,7 @@
 import json
 import os
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -228,3 +229,129 @@ def test_backend_flag_routes_the_ops(capsys, files, monkeypatch):
     want, got = json.loads(out)[0]["top"], json.loads(out_triton)[0]["top"]
     assert [t["class"] for t in got] == [t["class"] for t in want]
     np.testing.assert_allclose([t["probability"] for t in got], [t["probability"] for t in want], atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------ the model folder (--model)
+# tests/train/test_loop.py's SMALL config: a 32-wide model on 32 px images, trained for 2 steps.
+TRAIN_TINY = ["batch_size=8", "steps=2", "model.vision_dim=32", "model.text_dim=32", "image_size=32",
+              "data=synthetic:16", "eval_data=null", "log_every=1", "device=cpu"]
+
+
+def console(*argv, timeout=300):
+    """The console script (`dinotxt-fast`, i.e. dinotxt_fast.cli:main) in a subprocess: (exit code, out, err)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "dinotxt_fast.cli", *[str(a) for a in argv]], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny training run (its checkpoint and the model folder the trainer writes) and an image."""
+    from dinotxt_fast.train import load_config, train
+
+    root = tmp_path_factory.mktemp("trained")
+    summary = train(load_config("tiny", TRAIN_TINY), root / "run", progress=False)
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(root / "img.png")
+    return {"root": root, "ckpt": root / "run" / "checkpoints" / "last.pt", "run_model": Path(summary["model"]),
+            "image": root / "img.png"}
+
+
+def test_export_then_classify_and_segment_with_model_folder(trained):
+    """The newcomer's flow through the console script: export a training checkpoint, then --model DIR is the one
+    flag classify and segment need; the results are those of the trained model."""
+    from dinotxt_fast import from_pretrained
+    from dinotxt_fast.train.loop import load_trained_model
+
+    out = trained["root"] / "export"
+    code, stdout, err = console("export", trained["ckpt"], "--out", out)
+    assert code == 0, err
+    written = ["backbone.pth", "vision_head.pth", "text_encoder.pth", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(written)
+    assert all(f"wrote {out / name}" in stdout for name in written)
+
+    model, reference = from_pretrained(out), load_trained_model(trained["ckpt"])
+    run_model = from_pretrained(trained["run_model"])  # the folder the trainer wrote at the end of the run
+    for key, value in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value) and torch.equal(run_model.state_dict()[key], value), key
+
+    names = ["red", "blue", "a tree"]
+    code, stdout, err = console("classify", trained["image"], "--classes", ",".join(names), "--templates", "none",
+                                "--json", "--resize", "32", "--crop", "32", "--model", out)
+    assert code == 0, err
+    probs, idx = ZeroShotClassifier(reference, names, templates="none").topk(
+        load_classification_batch([trained["image"]], resize_size=32, crop_size=32), k=3)
+    top = json.loads(stdout)[0]["top"]
+    assert [t["class"] for t in top] == [names[i] for i in idx[0].tolist()]
+    np.testing.assert_allclose([t["probability"] for t in top], probs[0].tolist(), atol=1e-5)
+
+    overlay = trained["root"] / "seg.png"
+    code, stdout, err = console("segment", trained["image"], "--classes", "red,blue", "--templates", "none",
+                                "--short-side", "32", "--window", "32", "--stride", "16", "-o", overlay,
+                                "--model", out)
+    assert code == 0, err
+    assert Image.open(overlay).format == "PNG" and "2 classes" in stdout
+
+
+def test_model_folder_for_encode(capsys, trained):
+    from dinotxt_fast import from_pretrained
+
+    emb = trained["root"] / "emb.npz"
+    code, _, err = run(capsys, "encode", trained["image"], "--text", "a dog", "-o", emb, "--resize", "32",
+                       "--crop", "32", "--model", trained["run_model"])
+    assert code == 0, err
+    model = from_pretrained(trained["run_model"])
+    with torch.no_grad():
+        want = model.encode_text(tokenize(["a dog"], context_length=model.config.context_length))
+    np.testing.assert_allclose(np.load(emb)["text"], want.numpy(), atol=1e-5)
+
+
+def test_bad_model_folders_are_one_line_errors(capsys, trained, tmp_path):
+    """Each bad --model is refused before any model is built, in one line naming the folder or file."""
+    import shutil
+
+    folder = trained["run_model"]
+    no_config = tmp_path / "no_config"
+    no_config.mkdir()
+    shutil.copy(folder / "model.safetensors", no_config)
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    shutil.copy(folder / "config.json", corrupt)
+    (corrupt / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes()[:-100])  # truncated
+    other = tmp_path / "other"  # a folder whose config.json describes another model than its weights
+    shutil.copytree(folder, other)
+    config = json.loads((other / "config.json").read_text())
+    config["config"]["text_layers"] += 1
+    (other / "config.json").write_text(json.dumps(config))
+    cases = [
+        ([tmp_path / "missing"], "model folder not found", "missing"),
+        ([no_config], "has no config.json", "no_config"),
+        ([corrupt], "corrupt, truncated or not a safetensors file", "corrupt/model.safetensors"),
+        ([other], "missing keys", "other/model.safetensors"),
+        ([trained["image"]], "is not a model folder", "img.png"),
+        ([folder, "--backbone", folder / "model.safetensors"], "drop --backbone", str(folder)),
+        ([folder, "--override", "vision_dim=64"], "drop --override", str(folder)),
+        ([folder, "--preset", "dinov3_vitl16_dinotxt"], "drop --preset", str(folder)),
+    ]
+    for model_args, message, names in cases:
+        code, out, err = run(capsys, "classify", trained["image"], "--classes", "a,b", "--model", *model_args)
+        assert code == 2 and message in err and names in err, (model_args, err)
+        assert err.startswith("dinotxt-fast classify: error: --model") and out == ""
+    # the console script: the exit code and a one-line stderr, no traceback
+    code, out, err = console("segment", trained["image"], "--classes", "a,b", "--model", corrupt)
+    assert code == 2 and err.count("\n") == 1 and "corrupt/model.safetensors" in err and "Traceback" not in err
+
+
+def test_export_to_onnx(capsys, trained):
+    pytest.importorskip("onnxruntime")
+    out = trained["root"] / "onnx"
+    code, stdout, err = run(capsys, "export", trained["run_model"], "--format", "onnx", "--out", out,
+                            "--image-size", "32")
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["image_encoder.onnx", "text_encoder.onnx"]
+    assert f"wrote {out / 'image_encoder.onnx'}" in stdout and "onnxruntime check passed" in stdout
+    code, _, err = run(capsys, "export", trained["ckpt"], "--out", out, "--image-size", "32")
+    assert code == 2 and "apply to --format onnx" in err

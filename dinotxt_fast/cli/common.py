@@ -1,6 +1,8 @@
 """What the commands share: the usage error, the model arguments and loading, the compute device and dtype, class
-names and image batches. A command that takes a model calls `add_model_args(parser)` and `load_model(args)`.
-Models are built from local official weight files only: nothing is downloaded."""
+names and image batches. A command that takes a model calls `add_model_args(parser)` and `load_model(args)`
+(`check_weight_args(args)` first when it reads other inputs before loading the model). Models come from a model
+folder (`--model DIR`, written by `export` or `save_pretrained`) or from local official weight files: nothing is
+downloaded."""
 from __future__ import annotations
 
 import argparse
@@ -31,10 +33,15 @@ def parse_override(text: str) -> tuple[str, object]:
 def add_model_args(p: argparse.ArgumentParser) -> None:
     from ..models.config import PRESETS
 
-    g = p.add_argument_group("model and weights (local files of the official release; nothing is downloaded)")
-    g.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS),
-                   help=f"model preset (default: {DEFAULT_PRESET})")
-    g.add_argument("--backbone", metavar="FILE", help="backbone weights (DINOv2 or DINOv3 ViT)")
+    g = p.add_argument_group("model and weights (local files; nothing is downloaded)")
+    g.add_argument("--model", metavar="DIR",
+                   help="a model folder (config.json + model.safetensors, written by `dinotxt-fast export` or "
+                        "save_pretrained): the one flag needed, instead of --preset and the weight files")
+    g.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help=f"model preset of the official weight files (default: {DEFAULT_PRESET})")
+    g.add_argument("--backbone", metavar="FILE",
+                   help="backbone weights (DINOv2 or DINOv3 ViT: official, timm or transformers file, or a "
+                        "transformers model folder)")
     g.add_argument("--vision-head", metavar="FILE", help="DINOv2 release: the vision head file")
     g.add_argument("--text-encoder", metavar="FILE", help="DINOv2 release: the text encoder file")
     g.add_argument("--weights", metavar="FILE", help="DINOv3 release: the vision head + text encoder file")
@@ -67,6 +74,19 @@ def compute_autocast(args, device: torch.device):
     return autocast(device, getattr(torch, name))
 
 
+_WEIGHT_FLAGS = ("backbone", "vision_head", "text_encoder", "weights")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def model_preset(args) -> str:
+    """The preset of the official weight files (--preset, else the default); unused with --model, whose
+    config.json names its own."""
+    return args.preset or DEFAULT_PRESET
+
+
 def _required_weights(preset: str) -> tuple[list[str], list[str]]:
     """(required, forbidden) weight options for a preset's release layout."""
     from ..models.config import PRESETS
@@ -76,37 +96,78 @@ def _required_weights(preset: str) -> tuple[list[str], list[str]]:
     return ["backbone", "weights"], ["vision_head", "text_encoder"]
 
 
-def check_weight_args(args) -> list[str]:
-    """The weight options the preset needs, all given and existing; else a CLIError saying what is missing."""
-    required, forbidden = _required_weights(args.preset)
-    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
-    missing = [flag(n) for n in required if not getattr(args, n)]
+def one_line(exc: Exception) -> str:
+    """A multi-line load error (a key listing per section) as one line: sections joined by '; ', items by ', '."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    for line in lines[1:]:
+        new_section = line.endswith(":") or line.startswith("hint:")
+        text += (" " if text.endswith(":") else "; " if new_section else ", ") + line
+    return text
+
+
+def _check_model_folder(args) -> dict[str, str]:
+    """--model alone, and a complete model folder: config.json valid, model.safetensors' header listing exactly the
+    model's tensors (read without loading them or building the model)."""
+    from ..models._state import StateDictError
+    from ..models.checkpoint import CheckpointError
+    from ..models.pretrained import CONFIG_NAME, WEIGHTS_NAME, check_folder
+
+    conflicting = [_flag(n) for n in _WEIGHT_FLAGS if getattr(args, n)]
+    conflicting += ["--preset"] * bool(args.preset) + ["--override"] * bool(args.override)
+    if conflicting:
+        raise CLIError(f"--model {args.model} is the whole model (its config.json names the preset and every size): "
+                       f"drop {', '.join(conflicting)}")
+    try:
+        folder = check_folder(args.model)
+    except (FileNotFoundError, NotADirectoryError, CheckpointError, StateDictError) as exc:
+        raise CLIError(f"--model: {one_line(exc)}") from None
+    return {"config": os.fspath(folder / CONFIG_NAME), "model": os.fspath(folder / WEIGHTS_NAME)}
+
+
+def check_weight_args(args) -> dict[str, str]:
+    """{role: path} of the model's files, all given and valid enough to load, checked before any model is built
+    (--model: the folder's config.json and model.safetensors; else the weight files the preset needs); a CLIError
+    saying what is missing or wrong otherwise."""
+    if getattr(args, "model", None):
+        return _check_model_folder(args)
+    preset = model_preset(args)
+    required, forbidden = _required_weights(preset)
+    missing = [_flag(n) for n in required if not getattr(args, n)]
     if missing:
-        raise CLIError(f"model weights are required: --preset {args.preset} needs "
-                       f"{' '.join(flag(n) + ' FILE' for n in required)} (local files of the official release; "
+        raise CLIError(f"model weights are required: give --model DIR (a model folder), or --preset {preset} with "
+                       f"{' '.join(_flag(n) + ' FILE' for n in required)} (local files of the official release; "
                        f"nothing is downloaded); missing: {', '.join(missing)}")
-    extra = [flag(n) for n in forbidden if getattr(args, n)]
+    extra = [_flag(n) for n in forbidden if getattr(args, n)]
     if extra:
-        raise CLIError(f"{', '.join(extra)} does not apply to --preset {args.preset}, which loads "
-                       f"{' '.join(flag(n) for n in required)}")
+        raise CLIError(f"{', '.join(extra)} does not apply to --preset {preset}, which loads "
+                       f"{' '.join(_flag(n) for n in required)}")
     for n in required:
         path = getattr(args, n)
-        if not os.path.isfile(path):
-            raise CLIError(f"{flag(n)} file not found: {path}")
-    return required
+        # a backbone may also be a transformers model folder (config.json + weights)
+        found = os.path.exists(path) if n == "backbone" else os.path.isfile(path)
+        if not found:
+            raise CLIError(f"{_flag(n)} file not found: {path}")
+    return {n: getattr(args, n) for n in required}
 
 
 def load_model(args):
-    """create_model(preset, **overrides) + load_official(<files>), in eval mode on the chosen device."""
+    """(model in eval mode on the chosen device, device): from_pretrained(--model), or create_model(preset,
+    **overrides) + load_official(<files>). Weights are float32; --dtype is the autocast compute dtype."""
+    files = check_weight_args(args)
+    device = resolve_device(args)
+    if getattr(args, "model", None):
+        from ..models.pretrained import from_pretrained
+
+        # float32 storage like the official-files path (a no-op for the folders export writes): --dtype autocasts
+        return from_pretrained(args.model, device=device, dtype=torch.float32), device
     from ..models.dinotxt import create_model
 
-    required = check_weight_args(args)
-    device = resolve_device(args)
     try:
-        model = create_model(args.preset, **dict(args.override))
+        model = create_model(model_preset(args), **dict(args.override))
     except TypeError as exc:  # an unknown DinoTxtConfig field in --override
         raise CLIError(f"--override: {exc}") from None
-    model.load_official(**{n: getattr(args, n) for n in required})
+    model.load_official(**files)
     return model.to(device).eval(), device
 
 

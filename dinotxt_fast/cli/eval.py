@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from .common import (CLIError, add_model_args, add_segmentation_protocol_args, check_weight_args, load_model,
-                     positive_int)
+                     model_preset, positive_int)
 
 
 def _common(p: argparse.ArgumentParser, datasets, batch_size: int) -> None:
@@ -100,11 +100,12 @@ def run(args) -> int:
     out = Path(args.out or f"{args.dataset}_{args.task}.json")
     if out.suffix.lower() != ".json":
         raise CLIError(f"--out must be a .json file, got {out.name!r}")
-    required = check_weight_args(args)
+    files = check_weight_args(args)  # every weight file (or the model folder) checked before anything is built
     dataset = _dataset(args)  # layout problems surface before the model is loaded
     model, device = load_model(args)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    info = ev.describe_model(model, preset=args.preset, files={n: getattr(args, n) for n in required})
+    preset = getattr(model, "preset", None) if args.model else model_preset(args)
+    info = ev.describe_model(model, preset=preset, files=files)  # sha256 of each file
     shared = dict(batch_size=args.batch_size, limit=args.limit, num_workers=args.workers, dtype=dtype,
                   progress=False if args.no_progress else None, model_info=info)
     if args.task == "segmentation":

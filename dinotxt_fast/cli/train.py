@@ -71,5 +71,9 @@ def run(args) -> int:
         return 1
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary))
-        print(f"outputs in {out}: config.yaml, metrics.jsonl, checkpoints/, plots/")
+        print(f"outputs in {out}: config.yaml, metrics.jsonl, checkpoints/, plots/"
+              + (", model/" if "model" in summary else ""))
+        if "model" in summary:
+            print(f"the trained model: {summary['model']} (use it with --model {summary['model']}, e.g. "
+                  f"{PROG} classify IMAGE --classes a,b --model {summary['model']})")
     return 0 if summary["status"] == "completed" else 128 + summary.get("signal", 0)

@@ -15,6 +15,7 @@ the export size and at another one.
 """
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -72,10 +73,18 @@ def example_ids(model: DinoTxt, batch: int, seed: int = 0) -> torch.Tensor:
 
 def _onnx_export(module: nn.Module, args: tuple, path: Path, input_names, output_names, dynamic_shapes,
                  opset: int) -> None:
-    with traceable(), torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the exporter's notes on torchvision ops and deprecations
-        program = torch.onnx.export(module, args, dynamo=True, opset_version=opset, input_names=input_names,
-                                    output_names=output_names, dynamic_shapes=dynamic_shapes, verbose=False)
+    # The exporter's notes on torchvision ops it skips come as log records, its deprecations as warnings: neither
+    # concerns this model.
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with traceable(), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(module, args, dynamo=True, opset_version=opset, input_names=input_names,
+                                        output_names=output_names, dynamic_shapes=dynamic_shapes, verbose=False)
+    finally:
+        registration.setLevel(level)
     size = sum(p.numel() * p.element_size() for p in module.parameters())
     program.save(os.fspath(path), external_data=size > _EXTERNAL_DATA_BYTES)
 

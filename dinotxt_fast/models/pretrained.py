@@ -32,15 +32,21 @@ WEIGHTS_NAME = "model.safetensors"
 PathLike = Union[str, os.PathLike]
 
 
-def save_pretrained(model: DinoTxt, directory: PathLike) -> Path:
+def save_pretrained(model: DinoTxt, directory: PathLike, state_dict: Optional[dict] = None) -> Path:
     """Write `directory`/config.json and `directory`/model.safetensors (both atomically, the weights first, so a
-    folder with a config.json is complete). Returns the folder."""
+    folder with a config.json is complete). `state_dict`: the tensors to write instead of `model.state_dict()`, with
+    the same keys (the trainer's full state gathered from FSDP shards). Returns the folder."""
     if not isinstance(model, DinoTxt):
         raise TypeError(f"save_pretrained takes a DinoTxt model, got {type(model).__name__}")
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise NotADirectoryError(f"save_pretrained: {os.fspath(directory)!r} exists and is not a folder")
-    weights = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+    own = model.state_dict()
+    if state_dict is not None and state_dict.keys() != own.keys():
+        diff = sorted(set(state_dict) ^ set(own))
+        raise ValueError(f"save_pretrained: state_dict does not have the model's keys (differing: {diff[:8]}"
+                         f"{' ...' if len(diff) > 8 else ''})")
+    weights = {k: v.detach().to("cpu") for k, v in (own if state_dict is None else state_dict).items()}
     ckpt.save_state_dict(weights, directory / WEIGHTS_NAME,
                          metadata={"format": "pt", "producer": f"{FORMAT} {__version__}"})
     dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in weights.values()})
@@ -50,7 +56,7 @@ def save_pretrained(model: DinoTxt, directory: PathLike) -> Path:
         "dinotxt_fast_version": __version__,
         "preset": getattr(model, "preset", None),
         "config": model.config.to_dict(),
-        "logit_scale": float(model.logit_scale.detach()),
+        "logit_scale": float(weights["logit_scale"]),
         "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
     }
     text = json.dumps(config, indent=2) + "\n"
@@ -104,6 +110,32 @@ def read_config(directory: PathLike) -> tuple:
         raise ckpt.CheckpointError(f"{os.fspath(path)!r}: invalid config: {exc}") from None
     preset = data.get("preset")
     return config, preset if isinstance(preset, str) else None, data
+
+
+def _expected_shapes(config: DinoTxtConfig, preset: Optional[str]) -> dict:
+    with torch.device("meta"):  # shapes only: no tensor of the model's size is computed
+        return {k: tuple(v.shape) for k, v in DinoTxt(config, preset=preset).state_dict().items()}
+
+
+def check_folder(directory: PathLike) -> Path:
+    """Check a model folder without loading its tensors or building the model: config.json as `read_config` checks
+    it, model.safetensors readable with a header listing exactly the model's tensors in their shapes. Returns the
+    folder; raises FileNotFoundError / NotADirectoryError / CheckpointError / StateDictError naming the file."""
+    from safetensors import safe_open
+
+    folder = _folder(directory)
+    config, preset, _ = read_config(folder)
+    weights_path = folder / WEIGHTS_NAME
+    try:
+        with safe_open(os.fspath(weights_path), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as exc:  # safetensors raises its own SafetensorError for a corrupt or truncated file
+        raise ckpt.CheckpointError(f"cannot read model weights {os.fspath(weights_path)!r} (corrupt, truncated or "
+                                   f"not a safetensors file): {type(exc).__name__}: {exc}") from None
+    given = {k: torch.empty(shape, device="meta") for k, shape in shapes.items()}
+    check_state_dict(_expected_shapes(config, preset), given, strict=True,
+                     what=f"model weights {os.fspath(weights_path)!r}")
+    return folder
 
 
 def from_pretrained(directory: PathLike, *, device: Union[str, torch.device, None] = None,

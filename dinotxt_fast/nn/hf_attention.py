@@ -23,7 +23,7 @@ from torch import nn
 
 from .. import ops
 
-__all__ = ["ATTENTION_NAME", "HFPatch", "attention_forward", "is_hf_model", "patch_hf", "unpatch_hf"]
+__all__ = ["ATTENTION_NAME", "HFPatch", "attention_forward", "is_hf_model", "is_routed", "patch_hf", "unpatch_hf"]
 
 ATTENTION_NAME = "dinotxt_fast"
 _BACKEND_ATTR = "_dinotxt_fast_backend"      # on each attention module: the ops backend it asked for
@@ -74,6 +74,11 @@ def is_hf_model(module: nn.Module) -> bool:
     """True for a transformers PreTrainedModel (without importing transformers when nothing has)."""
     transformers = sys.modules.get("transformers")
     return transformers is not None and isinstance(module, transformers.PreTrainedModel)
+
+
+def is_routed(module: nn.Module) -> bool:
+    """True for an attention module that `patch_hf` routed to ops.attention (and `unpatch_hf` has not restored)."""
+    return hasattr(module, _BACKEND_ATTR)
 
 
 def register() -> None:

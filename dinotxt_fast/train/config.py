@@ -26,7 +26,7 @@ class TrainConfig:
     # model
     preset: str = "dinov2_vitl14_reg4_dinotxt"
     model: dict = field(default_factory=dict)          # DinoTxtConfig overrides, e.g. {vision_dim: 64}
-    backbone_weights: Optional[str] = None             # official backbone file (.pth/.pt/.safetensors)
+    backbone_weights: Optional[str] = None             # backbone file (official/timm/transformers) or HF folder
     # data
     data: str = "synthetic"                            # "synthetic[:N]", shard pattern "a-{000..099}.tar", .csv/.tsv
     image_size: int = 224

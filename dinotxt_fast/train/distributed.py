@@ -103,6 +103,15 @@ def full_state(lit: nn.Module, optimizer, fsdp: bool) -> tuple[dict, dict]:
     return get_state_dict(lit, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+def full_model_state(lit: nn.Module, fsdp: bool) -> dict:
+    """Full (unsharded) model state, without the optimizer's; with FSDP a collective whose result only rank 0 holds."""
+    if not fsdp:
+        return lit.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(lit, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def load_full_state(lit: nn.Module, optimizer, state: dict, fsdp: bool) -> None:
     if not fsdp:
         lit.load_state_dict(state["model"])

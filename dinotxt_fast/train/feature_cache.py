@@ -36,9 +36,11 @@ def _fingerprint(model, cfg: TrainConfig, precision: str) -> dict:
     # A cheap content signature of the backbone weights: sums of a few tensors, enough to tell two models apart.
     signature = [float(t.double().sum()) for t in list(backbone.values())[:8]]
     c = model.config
+    # Every field that changes the backbone's tokens (or the stored ids' width).
     vision = {name: getattr(c, name) for name in ("backbone", "vision_dim", "vision_depth", "vision_heads",
-                                                 "vision_mlp_ratio", "patch_size", "num_register_tokens",
-                                                 "pos_embed_grid", "rope_base", "context_length")}
+                                                 "vision_mlp_ratio", "vision_ffn", "vision_mlp_hidden",
+                                                 "patch_size", "num_register_tokens", "pos_embed_grid",
+                                                 "pos_embed_antialias", "rope_base", "context_length")}
     return {"data": cfg.data, "image_size": cfg.image_size, "seed": cfg.seed, "vision": vision,
             "precision": precision, "backbone_weights": cfg.backbone_weights, "backbone_signature": signature,
             "format": 1}

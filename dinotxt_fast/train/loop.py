@@ -29,9 +29,13 @@ from ..models.dinotxt import DinoTxt, create_model
 from . import checkpoint as ckpt
 from .config import PRECISION_DTYPES, TrainConfig, save_config
 from .distributed import (
-    agree_on_step, average_gradients, full_state, gather_objects, load_full_state, setup_distributed, wrap_trainable,
+    agree_on_step, average_gradients, full_model_state, full_state, gather_objects, load_full_state,
+    setup_distributed, wrap_trainable,
 )
 from .metrics import MetricsWriter, plot_curves
+
+
+MODEL_DIR = "model"  # <out>/model: the trained model as a model folder (dinotxt-fast CMD --model <out>/model)
 
 
 class TrainingStopped(RuntimeError):
@@ -133,7 +137,8 @@ def build_model(cfg: TrainConfig, device: torch.device, precision: str) -> DinoT
 
 
 def train(cfg: TrainConfig, out_dir, resume: Optional[str] = None, progress: bool = True) -> dict:
-    """Run (or resume) training; returns a summary. Writes config.yaml, metrics.jsonl, checkpoints/, plots/."""
+    """Run (or resume) training; returns a summary. Writes config.yaml, metrics.jsonl, checkpoints/, plots/ and,
+    when the run completes, the model folder model/."""
     with ops.use_backend(cfg.backend):  # every op of the run (model, pooling, loss) uses this backend
         run = _Run(cfg, out_dir, resume, progress)
         run.build_trainable()
@@ -347,10 +352,28 @@ class _Run:
             self.writer.close()
         return self.summary(summary, step, losses, last_saved)
 
+    def write_model_folder(self) -> Optional[Path]:
+        """`<out>/model`: the whole trained model (backbone included) as a model folder, for `--model` and
+        from_pretrained. With FSDP a collective (every rank enters); rank 0 writes."""
+        from ..models.pretrained import save_pretrained
+
+        state = None
+        if self.fsdp:  # the text tower is sharded: gather its full tensors
+            trainable = full_model_state(self.lit, fsdp=True)
+            state = {**{f"backbone.{k}": v for k, v in self.model.backbone.state_dict().items()}, **trainable}
+        if not self.d.main:
+            return None
+        return save_pretrained(self.model, self.out_dir / MODEL_DIR, state_dict=state)
+
     def summary(self, summary: dict, step: int, losses: list[float], last_saved: Optional[Path]) -> dict:
-        """The run's outcome (status, last step and loss, last checkpoint) and, for a completed run, its plot."""
+        """The run's outcome (status, last step and loss, last checkpoint) and, for a completed run, its model folder
+        and plot."""
         summary.update(step=step, final_loss=losses[-1] if losses else None,
                        checkpoint=str(last_saved) if last_saved else None)
+        if summary["status"] == "completed":
+            folder = self.write_model_folder()
+            if folder is not None:
+                summary["model"] = str(folder)
         if self.d.main and summary["status"] == "completed" and self.writer.path.exists():
             plot = plot_curves(self.writer.path, self.out_dir / "plots" / "curves.png")
             summary["plot"] = str(plot) if plot else None
@@ -364,8 +387,8 @@ def load_trained_model(checkpoint_path, device: str = "cpu") -> DinoTxt:
 
     state = ckpt.load_checkpoint(Path(checkpoint_path))
     cfg = TrainConfig(**{**state["config"], "device": device})
-    if cfg.backbone_weights and not Path(cfg.backbone_weights).is_file():
-        raise FileNotFoundError(f"{checkpoint_path} was trained on the backbone file {cfg.backbone_weights}, "
+    if cfg.backbone_weights and not Path(cfg.backbone_weights).exists():  # a file, or a transformers folder
+        raise FileNotFoundError(f"{checkpoint_path} was trained on the backbone {cfg.backbone_weights}, "
                                 "which is not there any more")
     model = build_model(cfg, torch.device(device), "fp32")
     if "backbone" in state:

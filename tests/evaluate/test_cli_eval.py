@@ -88,3 +88,22 @@ def test_errors_are_one_line(tmp_path, capsys, release):
     code, _, err = run(capsys, "eval", "retrieval", "--dataset", "coco", "--root", tmp_path, "--out", "x.txt",
                        *weights)
     assert code == 2 and "--out must be a .json file" in err
+
+
+def test_zeroshot_with_a_model_folder(tmp_path, capsys, release):
+    """--model DIR: the same result as the official files of the same model; the folder's files are recorded."""
+    model, weights = release
+    model.save_pretrained(tmp_path / "folder")
+    class_folders(tmp_path / "data", ["a", "b"], suffix=".png")
+    common = ["eval", "zeroshot", "--dataset", "imagefolder", "--root", tmp_path / "data", "--templates", "none",
+              "--resize", "32", "--crop", "28", "--workers", "0", "--no-progress"]
+    code, _, err = run(capsys, *common, "--out", tmp_path / "folder.json", "--model", tmp_path / "folder")
+    assert code == 0, err
+    code, _, err = run(capsys, *common, "--out", tmp_path / "files.json", *weights)
+    assert code == 0, err
+    folder, files = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("folder", "files"))
+    assert folder["top1"] == files["top1"] and folder["model"]["config"] == files["model"]["config"]
+    assert folder["model"]["preset"] == "dinov2_vitl14_reg4_dinotxt"
+    assert set(folder["model"]["files"]) == {"config", "model"}
+    assert folder["model"]["files"]["model"]["path"] == str((tmp_path / "folder" / "model.safetensors").resolve())
+    assert all(len(f["sha256"]) == 64 for f in folder["model"]["files"].values())

@@ -12,7 +12,9 @@ import torch
 from dinotxt_fast.models.config import PRESETS, derive_swiglu_hidden, make_config
 from dinotxt_fast.models.dinotxt import DinoTxt, create_model
 from dinotxt_fast.models.foreign import infer_backbone_fields, matching_preset
-from dinotxt_fast.train import load_config, train
+from dinotxt_fast import cli
+from dinotxt_fast.models.pretrained import from_pretrained
+from dinotxt_fast.train import load_config
 
 # preset: (dim, depth, heads, ffn, backbone MLP hidden, patch, published backbone parameters in millions or None)
 PUBLISHED = {
@@ -98,13 +100,16 @@ def test_every_preset_runs_tiny(name):
     assert image.shape == text.shape == (2, 64) and image.isfinite().all() and text.isfinite().all()
 
 
-@pytest.mark.parametrize("name", ["dinov2_vits14_reg4_dinotxt", "dinov2_vitg14_reg4_dinotxt",
-                                  "dinov3_vitb16_dinotxt", "dinov3_vith16plus_dinotxt"])
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_the_trainer_takes_the_presets(name, tmp_path):
-    """`dinotxt-fast train --preset NAME` with the tiny config's overrides (patch 8 on 32 px images)."""
-    cfg = load_config("tiny", [f"preset={name}", "batch_size=4", "steps=1", "model.vision_dim=32",
-                               "model.text_dim=32", "image_size=32", "data=synthetic:8", "eval_data=null",
-                               "log_every=1", "device=cpu", "num_workers=0"])
-    summary = train(cfg, tmp_path / "run", progress=False)
-    assert summary["status"] == "completed", summary
-    assert cfg.model_config().vision_ffn == PUBLISHED[name][3]
+    """`dinotxt-fast train --preset NAME` with the tiny config's overrides (patch 8 on 32 px images), through the
+    command line; the model folder it writes is of that preset."""
+    out = tmp_path / "run"
+    code = cli.main(["train", "--preset", name, "--out", str(out), "--no-progress", "batch_size=4", "steps=1",
+                     "model.vision_dim=32", "model.text_dim=32", "image_size=32", "data=synthetic:8",
+                     "eval_data=null", "log_every=1", "device=cpu", "num_workers=0"])
+    assert code == 0  # 0: the run completed
+    cfg = load_config(str(out / "config.yaml"))
+    assert cfg.preset == name and cfg.model_config().vision_ffn == PUBLISHED[name][3]
+    folder = from_pretrained(out / "model")
+    assert folder.preset == name and folder.config == cfg.model_config()

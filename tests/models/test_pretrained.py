@@ -148,3 +148,33 @@ def test_saving_again_replaces_the_files(tmp_path):
     _assert_identical(second, dtf.from_pretrained(tmp_path / "m"))
     with pytest.raises(NotADirectoryError):
         first.save_pretrained(tmp_path / "m" / "config.json")
+
+
+def test_check_folder_reads_headers_only(tmp_path, monkeypatch):
+    """check_folder (what the CLI runs before building anything): config.json and the safetensors header against
+    the config's shapes, without reading a tensor."""
+    folder = _model().save_pretrained(tmp_path / "model")
+    monkeypatch.setattr(pretrained.ckpt, "load_state_dict", lambda *a, **k: pytest.fail("read the tensors"))
+    assert pretrained.check_folder(folder) == folder
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[:-64])
+    with pytest.raises(CheckpointError, match="model.safetensors' \\(corrupt, truncated"):
+        pretrained.check_folder(folder)
+    (folder / "model.safetensors").write_bytes(data)
+    config = json.loads((folder / "config.json").read_text())
+    config["config"]["text_layers"] = 2
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(StateDictError, match=r"missing keys \(\d+\):\n    text\.backbone\.blocks\.1\."):
+        pretrained.check_folder(folder)
+
+
+def test_save_pretrained_of_a_given_state_dict(tmp_path):
+    """state_dict= (the trainer's tensors gathered from FSDP shards) is written in place of the model's own."""
+    model, other = _model(), _model()
+    pretrained.save_pretrained(model, tmp_path / "a", state_dict=other.state_dict())
+    loaded = dtf.from_pretrained(tmp_path / "a")
+    _assert_identical(loaded, other)
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["logit_scale"] == 2.5
+    with pytest.raises(ValueError, match="does not have the model's keys.*'logit_scale'"):
+        pretrained.save_pretrained(model, tmp_path / "b", state_dict={k: v for k, v in other.state_dict().items()
+                                                                       if k != "logit_scale"})

@@ -2,14 +2,16 @@
 
 Tiny random models from transformers' own classes: after patch_hf their outputs and gradients equal the sdpa ones
 (fp32 rounding), every attention call of theirs goes to ops.attention, and nothing else changes (classes, parameters,
-state-dict keys). Calls the fused kernel does not compute go to sdpa untouched.
+state-dict keys). Calls the fused kernel does not compute go to sdpa untouched. dtf.patch_model takes the same path
+for transformers models (alone or inside another module) and reports what it left alone.
 """
 import pytest
 import torch
 from torch import nn
 
+import dinotxt_fast as dtf
 import dinotxt_fast.ops as ops
-from dinotxt_fast.nn import hf_attention
+from dinotxt_fast.nn import FusedSelfAttention, hf_attention, unpatch_model
 from dinotxt_fast.nn.hf_attention import ATTENTION_NAME, patch_hf, unpatch_hf
 
 transformers = pytest.importorskip("transformers")
@@ -186,3 +188,74 @@ def test_only_transformers_models_are_taken():
     assert not hf_attention.is_hf_model(nn.Linear(2, 2))
     with pytest.raises(TypeError, match="takes a transformers PreTrainedModel"):
         patch_hf(nn.Linear(2, 2))
+
+
+# ----------------------------------------------------------------------------- through dtf.patch_model
+ATTENTION_NAMES = {
+    "Dinov2Model": "encoder.layer.{}.attention", "Dinov2WithRegistersModel": "encoder.layer.{}.attention",
+    "DINOv3ViTModel": "model.layer.{}.attention", "CLIPTextModel": "encoder.layers.{}.self_attn",
+    "CLIPVisionModel": "encoder.layers.{}.self_attn",
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_patch_model_routes_transformers_models(name, calls):
+    """dtf.patch_model on a transformers model: the adapter, the attention modules' names returned, outputs within
+    fp32 rounding, state-dict keys and tensors unchanged; unpatch_model restores the sdpa model exactly."""
+    model, inputs = MODELS[name]()
+    model.eval()
+    state = {k: v.data_ptr() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        reference = _out(model, inputs)
+    patched = dtf.patch_model(model)
+    assert sorted(patched) == [ATTENTION_NAMES[name].format(i) for i in range(2)]
+    assert all(model.get_submodule(n) is m for n, m in patched.items())  # the modules stay in place
+    assert patched.left_alone == {}
+    with torch.no_grad():
+        torch.testing.assert_close(_out(model, inputs), reference, **TOL)
+    assert len(calls) == 2
+    assert {k: v.data_ptr() for k, v in model.state_dict().items()} == state
+    assert dtf.patch_model(model) == {}  # already routed: left as it is
+    unpatch_model(model, patched)
+    assert model.config._attn_implementation == "sdpa"
+    with torch.no_grad():
+        torch.testing.assert_close(_out(model, inputs), reference, atol=0, rtol=0)
+    assert len(calls) == 2
+
+
+def test_patch_model_on_a_tree_holding_a_transformers_model(calls):
+    """A module holding a transformers backbone and an official-style attention: both patched, names prefixed."""
+    from tests.official import dinov2_ref
+
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = dinov2()[0]
+            self.pool = dinov2_ref.Attention(32, num_heads=4)
+
+        def forward(self, pixel_values):
+            return self.pool(self.backbone(pixel_values=pixel_values).last_hidden_state)
+
+    torch.manual_seed(0)
+    model = Wrapper().eval()
+    pixels = torch.randn(2, 3, 28, 35)
+    with torch.no_grad():
+        reference = model(pixels)
+    patched = dtf.patch_model(model, backend="torch")
+    assert sorted(patched) == ["backbone.encoder.layer.0.attention", "backbone.encoder.layer.1.attention", "pool"]
+    assert isinstance(model.pool, FusedSelfAttention)
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixels), reference, **TOL)
+    assert len(calls) == 3
+    unpatch_model(model, patched)
+    assert model.pool is patched["pool"] and model.backbone.config._attn_implementation == "sdpa"
+    assert not any(hf_attention.is_routed(m) for m in model.modules())
+
+
+def test_patch_model_reports_what_it_left_alone(caplog):
+    model = LegacyModel(LegacyConfig())
+    with caplog.at_level("WARNING", logger="dinotxt_fast.nn.patch"):
+        patched = dtf.patch_model(model)
+    assert patched == {} and list(patched.left_alone) == ["attn"]
+    assert "LegacyAttention computes attention itself" in patched.left_alone["attn"]
+    assert "left 1 attention module(s) alone" in caplog.text and "attn: LegacyAttention" in caplog.text

@@ -74,6 +74,7 @@ def test_patched_official_dinotxt_matches_and_keeps_its_state_dict(release, imag
                                       + [f"text_model.backbone.blocks.{i}.attention" for i in range(2)])
     for name in replaced:
         assert isinstance(model.get_submodule(name), FusedSelfAttention)
+    assert replaced.left_alone == {}
     assert model.state_dict().keys() == state.keys()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
 
@@ -165,10 +166,15 @@ def test_only_attention_modules_are_replaced():
             self.a = dinov2_ref.Attention(16, num_heads=2)
             self.b = QKNorm()
             self.c = nn.Sequential(dinotxt_ref.CausalSelfAttention(16, num_heads=2))
+            self.d = nn.MultiheadAttention(16, 2, batch_first=True)
 
     model = Container()
     replaced = dtf.patch_model(model)
     assert sorted(replaced) == ["a", "c.0"] and isinstance(model.b, QKNorm)
+    # what looks like attention but is not replaced is reported with the reason
+    assert sorted(replaced.left_alone) == ["b", "d"]
+    assert "'q_norm' (LayerNorm)" in replaced.left_alone["b"]
+    assert "MultiheadAttention" in replaced.left_alone["d"]
     assert not is_attention_module(model.a) and not is_attention_module(model.b)
     assert dtf.patch_model(model) == {}  # idempotent
     assert dtf.patch_model(dtf.create_model("dinov2_vitl14_reg4_dinotxt", vision_dim=64, vision_depth=1,
@@ -178,7 +184,7 @@ def test_only_attention_modules_are_replaced():
         dtf.patch_model(dinov2_ref.Attention(16, num_heads=2))
     with pytest.raises(TypeError, match="nn.Module"):
         dtf.patch_model("model")
-    with pytest.raises(ValueError, match="not an attention module"):
+    with pytest.raises(ValueError, match="not an attention module .*'q_norm'"):
         FusedSelfAttention(QKNorm())
 
 

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 import dinotxt_fast.ops as ops
-from dinotxt_fast import cli, create_model
+from dinotxt_fast import cli, create_model, from_pretrained
 from dinotxt_fast.train import ConfigError, TrainingStopped, load_config, train
 from dinotxt_fast.train.checkpoint import load_checkpoint
 from dinotxt_fast.train.loop import LiTModule, build_model, load_trained_model, lr_lambda, param_groups
@@ -114,6 +114,11 @@ def test_short_run_writes_every_output(tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.pt", "step_00000004.pt"]  # pruned
     png = out / "plots" / "curves.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the trained model as a model folder: the checkpoint's model, exactly
+    assert summary["model"] == str(out / "model")
+    assert sorted(p.name for p in (out / "model").iterdir()) == ["config.json", "model.safetensors"]
+    _assert_state_close(from_pretrained(out / "model").state_dict(), load_trained_model(out / "checkpoints" /
+                                                                                        "last.pt").state_dict(), atol=0)
 
 
 def test_backbone_is_frozen_and_the_trained_parts_move(tmp_path):
@@ -230,6 +235,9 @@ def test_two_gloo_processes_match_one_process(tmp_path, sharding):
     assert [r["logit_scale"] for r in b] == pytest.approx([r["logit_scale"] for r in a], abs=1e-5)
     _assert_state_close(_last(double)["model"], _last(single)["model"], atol=1e-5)
     assert isinstance(_last(double)["rng"], list) and len(_last(double)["rng"]) == 2  # one rng state per rank
+    # rank 0 wrote the whole model (the FSDP-sharded text tower gathered) as a model folder
+    _assert_state_close(from_pretrained(double / "model").state_dict(), from_pretrained(single / "model").state_dict(),
+                        atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------- resume
@@ -491,6 +499,12 @@ def test_feature_cache_is_built_reused_and_rebuilt(tmp_path, capsys):
     _run(tmp_path / "c", *common, "image_size=40")  # another input size: other tokens, rebuilt
     assert "64 samples x 30 tokens" in capsys.readouterr().out
     assert np.load(cache / "tokens.npy", mmap_mode="r").shape == (64, 30, 32)
+    stamp = (cache / "tokens.npy").stat().st_mtime_ns
+
+    time.sleep(0.01)  # same weights and sizes, another position-embedding resize: other tokens, rebuilt
+    _run(tmp_path / "d", *common, "image_size=40", "model.pos_embed_antialias=false")
+    assert "64 samples x 30 tokens" in capsys.readouterr().out
+    assert (cache / "tokens.npy").stat().st_mtime_ns != stamp
 
 
 def test_feature_cache_holds_the_backbone_tokens(tmp_path):
@@ -523,8 +537,10 @@ def test_export_writes_official_files_that_reproduce_the_model(tmp_path, capsys,
 
     cfg = _cfg(f"preset={preset}")
     files = ["backbone", "vision_head", "text_encoder"] if preset.startswith("dinov2") else ["backbone", "weights"]
-    assert sorted(p.name for p in exported.iterdir()) == sorted(f + ".pth" for f in files)
+    folder = ["config.json", "model.safetensors"]  # the model folder, beside the official files
+    assert sorted(p.name for p in exported.iterdir()) == sorted([f + ".pth" for f in files] + folder)
     assert all(str(exported / f"{f}.pth") in printed for f in files)
+    assert all(f"wrote {exported / f}" in printed for f in folder)
     fresh = create_model(preset, **cfg.model_config().to_dict())
     fresh.load_official(**{f: str(exported / f"{f}.pth") for f in files}).eval()
     trained = load_trained_model(ckpt_path)
@@ -539,6 +555,29 @@ def test_export_writes_official_files_that_reproduce_the_model(tmp_path, capsys,
         assert not torch.equal(untrained.encode_text(ids), trained.encode_text(ids))
     if preset.startswith("dinov3"):  # the v3 file carries the logit scale
         assert fresh.logit_scale.item() == trained.logit_scale.item() == _last(out)["model"]["logit_scale"].item()
+    _assert_state_close(from_pretrained(exported).state_dict(), trained.state_dict(), atol=0)
+    # a model folder exports too: the same files again
+    assert cli.main(["export", str(exported), "--out", str(tmp_path / "again")]) == 0
+    _assert_state_close(from_pretrained(tmp_path / "again").state_dict(), trained.state_dict(), atol=0)
+
+
+def test_a_transformers_backbone_folder_trains_and_exports(tmp_path, capsys):
+    """backbone_weights= a Hugging Face transformers model folder: trained on, then exported from its checkpoint
+    (load_trained_model takes the folder) with the backbone's weights in the model folder."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Dinov2WithRegistersConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                    intermediate_size=128, image_size=64, patch_size=8,
+                                                    num_register_tokens=4)
+    torch.manual_seed(0)
+    hf = transformers.Dinov2WithRegistersModel(config)
+    hf.save_pretrained(tmp_path / "hf")
+    out = tmp_path / "run"
+    _run(out, f"backbone_weights={tmp_path / 'hf'}", "steps=1", "eval_data=null")
+    assert cli.main(["export", str(out / "checkpoints" / "last.pt"), "--out", str(tmp_path / "exported")]) == 0
+    exported = from_pretrained(tmp_path / "exported")
+    torch.testing.assert_close(exported.backbone.blocks[1].attn.qkv.weight[:32],
+                               hf.encoder.layer[1].attention.q_proj.weight, rtol=0, atol=0)
+    _assert_state_close(exported.state_dict(), from_pretrained(out / "model").state_dict(), atol=0)
 
 
 def test_export_of_a_bad_checkpoint_is_a_clear_error(tmp_path, capsys):
