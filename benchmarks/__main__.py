@@ -1,13 +1,18 @@
 """The benchmark suite: every benchmark on one harness in one process, then the report.
 
-    python -m benchmarks [attention|pooling|contrastive|dense|infer|train|all ...] [--device cuda|cpu] [--quick]
-                         [--out DIR] [--budget-s S]
-    dinotxt-fast bench ...                                   (the same, from a source checkout)
+examples:
+  python -m benchmarks                       every benchmark on the GPU (the default when one is present)
+  python -m benchmarks attention --quick     one benchmark, reduced cases
+  dinotxt-fast bench --device cpu            the CPU smoke mode (the same suite, from a source checkout)
 
 Each benchmark writes `<out>/<benchmark>-<machine>-<time>.json` (benchmarks/harness.py: environment, measured
 ceilings, median and 20/80 % quantiles, peak memory, ratios against the baselines measured in the same run);
 then `benchmarks/report.py` writes `<out>/REPORT.md` and `<out>/plots/`. One failing benchmark is reported and the
 others still run; the exit status is 1 when any failed.
+
+--device cpu is a smoke mode: tiny shapes, every row run once through the same code, the Triton kernels under
+Triton's CPU interpreter (TRITON_INTERPRET=1, set here before any kernel is imported). Its figures check that each
+implementation runs; they are not performance measurements, and the report says so.
 """
 from __future__ import annotations
 
@@ -23,13 +28,16 @@ from benchmarks import BENCHMARKS  # the one list, in run order: kernels, then e
 from benchmarks.harness import RESULTS_DIR, add_budget_argument
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+def parse_args(argv=None, prog: str = "python -m benchmarks") -> argparse.Namespace:
+    """The suite's arguments; `prog` is the command shown in the usage line (`dinotxt-fast bench` runs this too)."""
+    description, epilog = __doc__.split("\n\n", 1)  # the first paragraph once, as the description
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=epilog)
     parser.add_argument("which", nargs="*", default=["all"], metavar="BENCHMARK",
                         help=f"any of {', '.join(BENCHMARKS)}, or all (default)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None,
-                        help="cuda: the real benchmark (default when a GPU is present); cpu: smoke runs of tiny shapes")
+                        help="cuda: the real benchmark (default when a GPU is present); cpu: smoke runs of tiny "
+                             "shapes, Triton under its interpreter (not performance figures)")
     parser.add_argument("--quick", action="store_true", help="reduced case lists and repetitions (GPU suite: < 9 min)")
     parser.add_argument("--out", default=str(RESULTS_DIR), help="results folder")
     parser.add_argument("--no-report", action="store_true", help="skip REPORT.md and the plots")
@@ -42,14 +50,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def main(argv=None, prog: str = "python -m benchmarks") -> int:
+    args = parse_args(argv, prog)
     if args.device is None:
         import torch
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel module is imported
+        print("CPU smoke run: tiny shapes, Triton under its CPU interpreter; the figures check that every row runs "
+              "and are not performance measurements", flush=True)
     out = Path(args.out)
     before = set(out.glob("*.json")) if out.is_dir() else set()
     failed = []

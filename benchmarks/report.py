@@ -105,6 +105,12 @@ def _is_gpu(record: dict) -> bool:
     return bool(record.get("environment", {}).get("gpu"))
 
 
+def _heading(record: dict) -> str:
+    """The benchmark and machine; CPU runs are marked as the smoke checks they are (tiny shapes, interpreter)."""
+    smoke = "" if _is_gpu(record) else " (CPU smoke check: tiny shapes, not a performance figure)"
+    return f"{record['benchmark']}: {_machine(record)}{smoke}"
+
+
 def backend_of(impl: str) -> Optional[str]:
     """Our backend named in an implementation label ("ours (triton)", "ours_cuda", "ours (cuda fwd, sm80)")."""
     if not impl.startswith("ours"):
@@ -231,7 +237,7 @@ def machine_line(record: dict) -> str:
 def markdown(records: list[dict], full: bool = True) -> str:
     out = []
     for record in records:
-        out += [f"### {record['benchmark']} — {_machine(record)}", "", machine_line(record) + ".", "",
+        out += [f"### {_heading(record)}", "", machine_line(record) + ".", "",
                 summary_table(record), ""]
         notes = dict(record.get("notes") or {})
         targets = notes.pop("targets", None)
@@ -269,7 +275,7 @@ def plots(records: list[dict], out_dir: Path) -> list[Path]:
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_xticks(range(len(rows)), labels, rotation=45, ha="right", fontsize=7)
         ax.set_ylabel("speedup vs best baseline (x)")
-        ax.set_title(f"{record['benchmark']}: {_machine(record)}", fontsize=9)
+        ax.set_title(_heading(record), fontsize=9)
         fig.tight_layout()
         written.append(out_dir / f"{stem}-speedup.png")
         fig.savefig(written[-1], dpi=120)
@@ -287,7 +293,7 @@ def plots(records: list[dict], out_dir: Path) -> list[Path]:
                           ha="right", fontsize=7)
             ax.set_ylabel("peak memory above inputs (MiB)")
             ax.legend(fontsize=8)
-            ax.set_title(f"{record['benchmark']}: {_machine(record)}", fontsize=9)
+            ax.set_title(_heading(record), fontsize=9)
             fig.tight_layout()
             written.append(out_dir / f"{stem}-memory.png")
             fig.savefig(written[-1], dpi=120)

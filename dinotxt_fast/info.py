@@ -44,6 +44,18 @@ def extension_report() -> dict:
     return report
 
 
+def plain_cuda_error(error) -> str:
+    """A CUDA runtime error as a newcomer reads it: "no CUDA driver" rather than cudaErrorInsufficientDriver."""
+    text = str(error or "")
+    if "libcuda.so" in text or "cudaErrorNoDriver" in text:
+        return "no CUDA driver"
+    if "cudaErrorInsufficientDriver" in text:
+        return "the NVIDIA driver is older than the CUDA runtime the extension was built with (update the driver)"
+    if "cudaErrorNoDevice" in text or not text:
+        return "no CUDA device"
+    return text
+
+
 def backends_report() -> dict:
     try:
         from .ops import backends
@@ -77,6 +89,14 @@ def collect_info() -> dict:
             props = torch.cuda.get_device_properties(i)
             devices.append({"index": i, "name": props.name, "capability": f"{props.major}.{props.minor}",
                             "memory_gib": round(props.total_memory / 2**30, 1)})
+    extension = extension_report()
+    cuda_error = extension.get("cuda_info", {}).get("error")
+    if devices:
+        cuda_problem = None
+    elif cuda_error or torch.version.cuda:
+        cuda_problem = plain_cuda_error(cuda_error)
+    else:  # nothing asked the driver: the only fact known is torch's build
+        cuda_problem = "this torch is a CPU-only build"
     return {
         "dinotxt_fast": package_version(),
         "python": platform.python_version(),
@@ -86,7 +106,8 @@ def collect_info() -> dict:
         "triton": triton_version,
         "cuda_available": torch.cuda.is_available(),
         "cuda_devices": devices,
-        "extension": extension_report(),
+        "cuda_problem": cuda_problem,  # in words ("no CUDA driver"); None when a device is usable
+        "extension": extension,
         "backends": backends_report(),
         "measured_dispatch": measured_report(),
     }

@@ -4,7 +4,8 @@ This package only parses and dispatches. Each command is a module of it with `ad
 sub-parser, returns it) and `run(args) -> exit code`, listed once in COMMANDS; a new command is a new module
 plus its entry there. What several commands share (the model arguments, loading the model, device and dtype,
 class names, image batches) is in `common.py`. Exit codes: 0 success, 1 a file or value problem
-(OSError/ValueError), 2 a usage problem (CLIError, argparse).
+(OSError/ValueError), 2 a usage problem (CLIError, argparse), 130 interrupted (Ctrl-C). Every error is one line on
+stderr, without a traceback.
 """
 from __future__ import annotations
 
@@ -31,6 +32,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _dispatch(argv)
+    except KeyboardInterrupt:  # Ctrl-C: one line and the shell's code for SIGINT (train has saved its checkpoint)
+        command = next((a for a in argv if not a.startswith("-")), "")
+        print(f"{PROG}{' ' + command if command else ''}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _dispatch(argv: list[str]) -> int:
     if argv[:1] == ["bench"]:  # every argument, -h included, belongs to the suite's own parser
         try:
             return bench.run_suite(argv[1:])

@@ -1,13 +1,20 @@
 """`dinotxt-fast bench`: forwards every argument to `python -m benchmarks` of a source checkout (the suite and
-its baselines live in the repository, not in the wheel). `main` hands it the raw arguments, -h included."""
+its baselines live in the repository, not in the wheel). `main` hands it the raw arguments, -h included.
+
+The suite runs in a fresh Python process: `import dinotxt_fast` (which the console script does before this module
+runs) has already decorated the Triton kernels, and Triton reads TRITON_INTERPRET at decoration time, so only a new
+process can run them under the interpreter for `--device cpu` (otherwise: "0 active drivers")."""
 from __future__ import annotations
 
 import argparse
+import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import Sequence
 
-from .common import CLIError
+from .common import PROG, CLIError
 
 
 def add_parser(sub):
@@ -35,10 +42,29 @@ def benchmarks_root() -> Path:
                    "this from a checkout (git clone ...; pip install -e .), or cd into one")
 
 
-def run_suite(bench_args: Sequence[str]) -> int:
-    root = benchmarks_root()
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    from benchmarks.__main__ import main as bench_main
+# The child: the suite's own entry point, with its usage line naming this command; Ctrl-C ends it quietly (130).
+_SUITE = """import sys
+try:
+    from benchmarks.__main__ import main
+    sys.exit(main(sys.argv[1:], prog={prog!r}))
+except KeyboardInterrupt:
+    sys.exit(130)
+"""
 
-    return bench_main(list(bench_args))
+
+def run_suite(bench_args: Sequence[str]) -> int:
+    """Runs the suite in a child Python (its exit code is ours); the working directory stays the caller's, so
+    relative --out paths mean what they say."""
+    root = benchmarks_root()
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)
+    child = subprocess.Popen([sys.executable, "-c", _SUITE.format(prog=f"{PROG} bench"), *bench_args], env=env)
+    try:
+        return child.wait()
+    except KeyboardInterrupt:  # stop the child too (a terminal's Ctrl-C already reached it), then report once
+        child.send_signal(signal.SIGINT)
+        try:
+            child.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            child.kill()
+        raise

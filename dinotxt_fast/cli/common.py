@@ -144,11 +144,35 @@ def check_weight_args(args) -> dict[str, str]:
                        f"{' '.join(_flag(n) for n in required)}")
     for n in required:
         path = getattr(args, n)
-        # a backbone may also be a transformers model folder (config.json + weights)
+        # a backbone may also be a transformers model folder (config.json + weights), checked by its loader
         found = os.path.exists(path) if n == "backbone" else os.path.isfile(path)
         if not found:
             raise CLIError(f"{_flag(n)} file not found: {path}")
+        if os.path.isfile(path):
+            check_weight_file(path, _flag(n))
     return {n: getattr(args, n) for n in required}
+
+
+def check_weight_file(path: str, flag: str) -> None:
+    """A weight file's container, checked without reading its tensors: a safetensors header that parses, or a
+    PyTorch file (a zip archive whose directory is intact, or the legacy pickle format). Catches a truncated
+    download or a wrong file in a second instead of after the model is built."""
+    import zipfile
+
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(path, framework="pt") as f:
+                f.keys()
+        except Exception as exc:  # safetensors raises its own SafetensorError
+            raise CLIError(f"{flag} {path} is not a readable safetensors file (corrupt or truncated): {exc}") from None
+        return
+    with open(path, "rb") as f:
+        legacy = f.read(1) == b"\x80"  # torch.save(..., _use_new_zipfile_serialization=False): a pickle
+    if not (legacy or zipfile.is_zipfile(path)):
+        raise CLIError(f"{flag} {path} is not a PyTorch weight file (.pth/.pt, a zip archive) or a .safetensors file: "
+                       "corrupt, truncated or another kind of file")
 
 
 def load_model(args):
@@ -212,18 +236,64 @@ def batches(items: Sequence, size: int):
         yield items[start:start + size]
 
 
+def check_image_files(paths: Sequence[str], what: str = "image") -> None:
+    """Every image file exists and its header parses (PIL's verify), before any model is built: a typo or a
+    corrupt file is reported in a second, not after the model has loaded. Decoding waits for the image's batch."""
+    from PIL import Image, UnidentifiedImageError
+
+    for path in paths:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{what} file not found: {path}")
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"expected an {what} file, got a directory: {path}")
+        try:
+            with Image.open(path) as img:
+                img.verify()
+        except PermissionError:
+            raise  # its message already names the file
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            raise ValueError(f"cannot read {what} file {path}: not a readable image or corrupt ({exc})") from None
+
+
+def add_progress_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (it is shown on stderr when stderr is a terminal)")
+
+
+def progress(args, total: int, desc: str, unit: str):
+    """A tqdm bar on stderr for a loop that may last (images, windows, prompts): shown on a terminal, off with
+    --no-progress or when stderr is not a terminal (tqdm's disable=None)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True,
+                disable=True if getattr(args, "no_progress", False) else None)
+
+
 def image_batches(paths: Sequence[str], args):
-    """(paths, images [B, 3, crop, crop]) chunks of --batch-size, with the official eval transform."""
+    """(paths, images [B, 3, crop, crop]) chunks of --batch-size, with the official eval transform, under a
+    progress bar counted in images."""
     from ..inference.images import load_classification_batch
 
-    for chunk in batches(list(paths), args.batch_size):
-        yield chunk, load_classification_batch(chunk, resize_size=args.resize, crop_size=args.crop)
+    with progress(args, total=len(paths), desc="images", unit="image") as bar:
+        for chunk in batches(list(paths), args.batch_size):
+            yield chunk, load_classification_batch(chunk, resize_size=args.resize, crop_size=args.crop)
+            bar.update(len(chunk))
 
 
 def positive_int(text: str) -> int:
     if not text.strip().isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return int(text)
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
 
 
 def short_side(text: str):

@@ -6,7 +6,10 @@ from typing import Optional
 
 import torch
 
-from .common import CLIError, add_model_args, add_transform_args, batches, compute_autocast, image_batches, load_model
+from .common import (
+    CLIError, add_model_args, add_progress_arg, add_transform_args, batches, check_image_files, check_weight_args,
+    compute_autocast, image_batches, load_model, progress,
+)
 
 SUFFIXES = (".npy", ".npz", ".pt")
 
@@ -20,6 +23,7 @@ def add_parser(sub):
     p.add_argument("--text-file", metavar="FILE", help="texts to encode, one per line")
     p.add_argument("--out", "-o", required=True, help="output file: .npy (one kind), .npz or .pt")
     p.add_argument("--normalize", action="store_true", help="L2-normalise the embeddings")
+    add_progress_arg(p)
     add_transform_args(p)
     add_model_args(p)
     return p
@@ -42,6 +46,8 @@ def run(args) -> int:
         raise CLIError(f"--out must end in .npy, .npz or .pt, got {out.name!r}")
     if out.suffix.lower() == ".npy" and args.images and texts:
         raise CLIError("a .npy file holds one array: use .npz or .pt to save image and text embeddings together")
+    check_weight_args(args)  # every input file checked before the model is built
+    check_image_files(args.images)
     model, device = load_model(args)
     image_emb = text_emb = None
     with torch.no_grad(), compute_autocast(args, device):
@@ -50,9 +56,12 @@ def run(args) -> int:
                      for _, batch in image_batches(args.images, args)]
             image_emb = torch.cat(parts)
         if texts:
-            parts = [model.encode_text(tokenize(chunk, context_length=model.config.context_length).to(device),
-                                       normalize=args.normalize).float().cpu()
-                     for chunk in batches(texts, args.batch_size)]
+            parts = []
+            with progress(args, total=len(texts), desc="texts", unit="text") as bar:
+                for chunk in batches(texts, args.batch_size):
+                    ids = tokenize(chunk, context_length=model.config.context_length).to(device)
+                    parts.append(model.encode_text(ids, normalize=args.normalize).float().cpu())
+                    bar.update(len(chunk))
             text_emb = torch.cat(parts)
     save_embeddings(out, image_emb, text_emb, list(args.images), texts)
     what = [f"{len(e)} {k}" for k, e in (("image", image_emb), ("text", text_emb)) if e is not None]

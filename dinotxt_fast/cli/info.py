@@ -24,15 +24,26 @@ def run(args) -> int:
 
 
 def print_table(info: dict) -> None:
+    """The report in words: no raw error codes or JSON (`--json` has every field, the raw CUDA errors included)."""
+    from ..info import plain_cuda_error
+
+    torch_build = f"CUDA {info['torch_cuda']}" if info["torch_cuda"] else "a CPU-only build"
     rows = [("dinotxt-fast", info["dinotxt_fast"]), ("python", info["python"]), ("platform", info["platform"]),
-            ("torch", f"{info['torch']} (CUDA {info['torch_cuda'] or 'none'})"), ("triton", info["triton"])]
+            ("torch", f"{info['torch']} ({torch_build})"), ("triton", info["triton"])]
     devices = info["cuda_devices"]
     rows.append(("CUDA devices", ", ".join(f"{d['index']}: {d['name']} (sm {d['capability']}, "
-                                           f"{d['memory_gib']} GiB)" for d in devices) or "none"))
+                                           f"{d['memory_gib']} GiB)" for d in devices)
+                 or f"none ({info.get('cuda_problem') or 'no CUDA device'})"))
     ext = info["extension"]
+    cuda_info = ext.get("cuda_info") or {}
+    raw_error = cuda_info.get("error") or ext.get("cuda_info_error")
     if ext.get("built"):
-        detail = ext.get("cuda_info", ext.get("cuda_info_error", ""))
-        rows.append(("_C extension", f"built {json.dumps(detail, default=str) if detail else ''}".strip()))
+        archs = ", ".join(f"sm_{a}" for a in cuda_info.get("compiled_archs", [])) or "unknown archs"
+        runtime = cuda_info.get("runtime_version")
+        detail = f"built for {archs}" + (f" (CUDA runtime {runtime})" if runtime else "")
+        if raw_error:
+            detail += f"; not usable here: {plain_cuda_error(raw_error)}"
+        rows.append(("_C extension", detail))
     else:
         rows.append(("_C extension", f"not built: {ext.get('reason', '')}"))
     width = max(len(k) for k, _ in rows)
@@ -46,6 +57,7 @@ def print_table(info: dict) -> None:
     print("backends:")
     for name, status in info["backends"].items():
         state = "available" if status["available"] else "unavailable"
-        print(f"  {name:<8} {state:<12} {status['reason']}")
+        reason = status["reason"].replace(raw_error, plain_cuda_error(raw_error)) if raw_error else status["reason"]
+        print(f"  {name:<8} {state:<12} {reason}")
         if status.get("ops"):
             print(f"  {'':<8} {'':<12} ops: {', '.join(status['ops'])}")

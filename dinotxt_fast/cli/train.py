@@ -57,6 +57,11 @@ def run(args) -> int:
                           device=args.device)
     except ConfigError as exc:
         raise CLIError(str(exc)) from None
+    if cfg.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():  # the same line as the other commands' --device check
+            raise CLIError("--device cuda: CUDA is not available on this machine (use --device cpu)")
     out = Path(args.out or Path("runs") / Path(config).stem)
     if args.resume is None and (out / "checkpoints" / "last.pt").exists():
         raise CLIError(f"{out} already holds a run: pass --resume to continue it, or --out for a new directory")
@@ -70,10 +75,28 @@ def run(args) -> int:
         print(f"{PROG} train: stopped: {exc}", file=sys.stderr)
         return 1
     if int(os.environ.get("RANK", "0")) == 0:
+        if summary.get("nothing_to_do"):
+            print(f"nothing to do: {out} already finished step {summary['step']} of {cfg.steps}; "
+                  f"{final_numbers(summary, out / 'metrics.jsonl')}")
         print(json.dumps(summary))
         print(f"outputs in {out}: config.yaml, metrics.jsonl, checkpoints/, plots/"
               + (", model/" if "model" in summary else ""))
         if "model" in summary:
             print(f"the trained model: {summary['model']} (use it with --model {summary['model']}, e.g. "
                   f"{PROG} classify IMAGE --classes a,b --model {summary['model']})")
+        if summary["status"] == "interrupted":
+            print(f"{PROG} train: interrupted at step {summary['step']} (checkpoint {summary['checkpoint']}); "
+                  "run the same command with --resume to continue", file=sys.stderr)
     return 0 if summary["status"] == "completed" else 128 + summary.get("signal", 0)
+
+
+def final_numbers(summary: dict, metrics_path: Path) -> str:
+    """The run's last logged numbers, metrics in percent with their sign (metrics.jsonl keeps the fractions)."""
+    from ..train.metrics import last_logged
+
+    parts = [f"final loss {summary['final_loss']:.4f}"] if summary.get("final_loss") is not None else []
+    for key, label in (("zero_shot_top1", "zero-shot top-1"), ("miou", "mIoU")):
+        value = last_logged(metrics_path, key)
+        if value is not None:
+            parts.append(f"{label} {100 * value:.1f}%")
+    return ", ".join(parts) or "no metrics logged"

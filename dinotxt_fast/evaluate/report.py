@@ -11,6 +11,12 @@ def _pct(value) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}"
 
 
+def _pct_sign(value) -> str:
+    """A percentage printed on its own (the console): with its % sign; table cells say "(%)" in their header."""
+    text = _pct(value)
+    return text if text == "-" else f"{text}%"
+
+
 def _json_safe(value):
     """NaN (a metric with nothing to average) becomes null: JSON has no NaN."""
     if isinstance(value, float) and math.isnan(value):
@@ -57,7 +63,8 @@ def markdown(result: dict) -> str:
         lines += [f"| {c} | {_pct(v)} |" for c, v in result["per_class_accuracy"].items()]
     elif task == "retrieval":
         i2t, t2i = result["image_to_text"], result["text_to_image"]
-        lines = ["| dataset | images | texts | I→T R@1 | I→T R@5 | I→T R@10 | T→I R@1 | T→I R@5 | T→I R@10 |",
+        recalls = " | ".join(f"{d} R@{k} (%)" for d in ("I→T", "T→I") for k in (1, 5, 10))
+        lines = [f"| dataset | images | texts | {recalls} |",
                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
                  f"| {name} | {result['num_images']} | {result['num_texts']} | "
                  + " | ".join(_pct(d[k]) for d in (i2t, t2i) for k in ("R@1", "R@5", "R@10")) + " |"]
@@ -69,16 +76,17 @@ def markdown(result: dict) -> str:
 def summary(result: dict) -> str:
     """A few console lines: the headline metrics, the run's speed and memory."""
     task, name, n = result["task"], result["dataset"], result["num_images"]
+    pct = _pct_sign
     if task == "segmentation":
-        head = (f"{name} {result['split']}: mIoU {_pct(result['miou'])}  pixel acc. {_pct(result['pixel_accuracy'])}"
+        head = (f"{name} {result['split']}: mIoU {pct(result['miou'])}  pixel acc. {pct(result['pixel_accuracy'])}"
                 f"  ({n} images, {result['num_classes']} classes, mode {result['protocol']['mode']})")
     elif task == "zeroshot":
-        head = (f"{name}: top-1 {_pct(result['top1'])}  top-5 {_pct(result['top5'])}  ({n} images, "
+        head = (f"{name}: top-1 {pct(result['top1'])}  top-5 {pct(result['top5'])}  ({n} images, "
                 f"{result['num_classes']} classes)")
     else:
         i2t, t2i = result["image_to_text"], result["text_to_image"]
-        head = (f"{name}: image->text R@1/5/10 {_pct(i2t['R@1'])}/{_pct(i2t['R@5'])}/{_pct(i2t['R@10'])}  "
-                f"text->image {_pct(t2i['R@1'])}/{_pct(t2i['R@5'])}/{_pct(t2i['R@10'])}  ({n} images, "
+        head = (f"{name}: image->text R@1/5/10 {pct(i2t['R@1'])}/{pct(i2t['R@5'])}/{pct(i2t['R@10'])}  "
+                f"text->image {pct(t2i['R@1'])}/{pct(t2i['R@5'])}/{pct(t2i['R@10'])}  ({n} images, "
                 f"{result['num_texts']} texts)")
     speed = (f"{_speed(result)} images/s, {result['seconds']:.1f} s, peak memory {result['peak_memory_mb']} MB "
              f"({result['peak_memory_kind']}) on {result['device']}")

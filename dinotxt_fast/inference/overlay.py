@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import colorsys
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -19,13 +20,28 @@ def palette(n: int) -> list[tuple[int, int, int]]:
     return colours
 
 
+def class_colours(names: Sequence[str]) -> list[tuple[int, int, int]]:
+    """One RGB colour per class: a class named after a colour (an HTML/CSS colour name such as "blue", "dark green"
+    or "light-grey") is painted in that colour, so a picture of the labels never shows "blue" in red; every other
+    class takes the palette colour of its index."""
+    from PIL import ImageColor
+
+    colours = palette(len(names))
+    for i, name in enumerate(names):
+        key = re.sub(r"[\s_-]+", "", name.lower())
+        if key in ImageColor.colormap:
+            colours[i] = ImageColor.getrgb(key)[:3]
+    return colours
+
+
 def render_overlay(image, labels: torch.Tensor, names: Sequence[str], alpha: float = 0.5):
-    """RGB PIL image blended with the colourised label map, plus a legend of the classes present (by area)."""
+    """RGB PIL image blended with the colourised label map (`class_colours`), plus a legend of the classes present
+    (by area)."""
     import numpy as np
     from PIL import Image, ImageDraw, ImageFont
 
     lab = labels.cpu().numpy()
-    colours = np.array(palette(len(names)), dtype=np.float32)
+    colours = np.array(class_colours(names), dtype=np.float32)
     base = np.asarray(image.convert("RGB"), dtype=np.float32)
     blended = ((1 - alpha) * base + alpha * colours[lab]).round().clip(0, 255).astype(np.uint8)
     overlay = Image.fromarray(blended)

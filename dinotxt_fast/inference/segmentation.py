@@ -129,7 +129,8 @@ def _crop(canvas: torch.Tensor, box: Sequence[int]) -> torch.Tensor:
 def segment(model: nn.Module, images: ImagesArg, classes: ClassesArg, mode: str = "slide", *,
             short_side: Optional[int] = 512, window: int = 384, stride: int = 192, features: str = "head",
             templates: Union[None, str, Sequence[Template]] = None, return_scores: bool = False,
-            batch_size: int = 16, backend: Optional[str] = None):
+            batch_size: int = 16, backend: Optional[str] = None, max_canvas_pixels: Optional[int] = None,
+            progress: Optional[bool] = False):
     """Per-pixel class labels for ImageNet-normalised images (see the module docstring for the protocol).
 
     images: [B, 3, H, W] float, or a list of [3, H, W] of different sizes. classes: class names (prompts are
@@ -138,7 +139,8 @@ def segment(model: nn.Module, images: ImagesArg, classes: ClassesArg, mode: str 
     device; with return_scores, (labels, scores) where a score is the winning class's averaged softmax
     probability ("slide") or its cosine similarity ("whole"). Windows are encoded `batch_size` at a time.
     `backend` selects the kernels of the decoding ops (ops.patch_text_logits, ops.slide_decode): "torch",
-    "triton", "cuda" or None (auto).
+    "triton", "cuda" or None (auto). `max_canvas_pixels` refuses (ValueError) an image whose resized canvas is larger,
+    before any work; `progress` shows a bar over the windows (None: only on a terminal).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -152,6 +154,12 @@ def segment(model: nn.Module, images: ImagesArg, classes: ClassesArg, mode: str 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     items, batched = _check_images(images)
+    for i, img in enumerate(items):
+        canvas_h, canvas_w = short_side_size(img.shape[1], img.shape[2], short_side)
+        if max_canvas_pixels is not None and canvas_h * canvas_w > max_canvas_pixels:
+            raise ValueError(f"images[{i}] ({img.shape[2]}x{img.shape[1]}) would be resized to a "
+                             f"{canvas_w}x{canvas_h} canvas ({canvas_h * canvas_w} pixels), more than "
+                             f"max_canvas_pixels={max_canvas_pixels}")
     patch = model.config.patch_size
     device, dtype = model_device(model), model_dtype(model)
 
@@ -180,22 +188,27 @@ def segment(model: nn.Module, images: ImagesArg, classes: ClassesArg, mode: str 
             for k, (y0, x0, y1, x1) in enumerate(image_boxes):
                 groups.setdefault((y1 - y0, x1 - x0), []).append((i, k))
         window_logits: list[list[Optional[torch.Tensor]]] = [[None] * len(b) for b in boxes]
-        for (box_h, box_w), jobs in groups.items():
-            stretched = (_ceil_to(box_h, patch), _ceil_to(box_w, patch))
-            grid = (stretched[0] // patch, stretched[1] // patch)
-            for start in range(0, len(jobs), batch_size):
-                chunk = jobs[start:start + batch_size]
-                crops = torch.stack([_crop(canvases[i], box_lists[i][k]) for i, k in chunk])
-                # Plain bicubic stretch by a few percent to a patch multiple (F.interpolate, align_corners=False).
-                crops = _resize(crops, stretched, antialias=False).to(dtype)
-                if features == "head":
-                    tokens = model.image_tokens(crops)[1]
-                else:  # the raw backbone tokens: no need to run the vision head
-                    tokens = model.backbone_tokens(crops)[:, 1 + model.config.num_register_tokens:]
-                logits = ops.patch_text_logits(tokens.reshape(len(chunk), grid[0], grid[1], -1), text,
-                                               backend=backend)
-                for (i, k), lg in zip(chunk, logits):
-                    window_logits[i][k] = lg
+        from tqdm.auto import tqdm
+
+        with tqdm(total=sum(len(b) for b in box_lists), desc="windows", unit="window",
+                  disable=(not progress) if progress is not None else None) as bar:
+            for (box_h, box_w), jobs in groups.items():
+                stretched = (_ceil_to(box_h, patch), _ceil_to(box_w, patch))
+                grid = (stretched[0] // patch, stretched[1] // patch)
+                for start in range(0, len(jobs), batch_size):
+                    chunk = jobs[start:start + batch_size]
+                    crops = torch.stack([_crop(canvases[i], box_lists[i][k]) for i, k in chunk])
+                    # Plain bicubic stretch by a few percent to a patch multiple (F.interpolate, align_corners=False)
+                    crops = _resize(crops, stretched, antialias=False).to(dtype)
+                    if features == "head":
+                        tokens = model.image_tokens(crops)[1]
+                    else:  # the raw backbone tokens: no need to run the vision head
+                        tokens = model.backbone_tokens(crops)[:, 1 + model.config.num_register_tokens:]
+                    logits = ops.patch_text_logits(tokens.reshape(len(chunk), grid[0], grid[1], -1), text,
+                                                   backend=backend)
+                    for (i, k), lg in zip(chunk, logits):
+                        window_logits[i][k] = lg
+                    bar.update(len(chunk))
 
         labels, scores = [], []
         for img, canvas, image_boxes, logits in zip(items, canvases, boxes, window_logits):

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+import shutil
 import signal
 import sys
 import time
@@ -32,7 +34,7 @@ from .distributed import (
     agree_on_step, average_gradients, full_model_state, full_state, gather_objects, load_full_state,
     setup_distributed, wrap_trainable,
 )
-from .metrics import MetricsWriter, plot_curves
+from .metrics import MetricsWriter, last_logged, plot_curves
 
 
 MODEL_DIR = "model"  # <out>/model: the trained model as a model folder (dinotxt-fast CMD --model <out>/model)
@@ -139,11 +141,18 @@ def build_model(cfg: TrainConfig, device: torch.device, precision: str) -> DinoT
 def train(cfg: TrainConfig, out_dir, resume: Optional[str] = None, progress: bool = True) -> dict:
     """Run (or resume) training; returns a summary. Writes config.yaml, metrics.jsonl, checkpoints/, plots/ and,
     when the run completes, the model folder model/."""
+    created = not Path(out_dir).exists() and os.environ.get("RANK", "0") == "0"  # rank 0 makes (and unmakes) it
     with ops.use_backend(cfg.backend):  # every op of the run (model, pooling, loss) uses this backend
-        run = _Run(cfg, out_dir, resume, progress)
-        run.build_trainable()
-        run.resume()
-        run.build_loader()
+        try:
+            run = _Run(cfg, out_dir, resume, progress)
+            run.build_trainable()
+            run.resume()
+            run.build_loader()
+        except BaseException:
+            # A run that failed to start (bad data spec, no device, Ctrl-C) leaves no folder holding only config.yaml.
+            if created:
+                shutil.rmtree(out_dir, ignore_errors=True)
+            raise
         return run.loop()
 
 
@@ -333,7 +342,7 @@ class _Run:
                         if bar is not None:
                             memory = {"mem": f"{record['gpu_mem_gb']:.1f}G"} if "gpu_mem_gb" in record else {}
                             bar.set_postfix(loss=f"{record['loss']:.3f}",
-                                            scale=f"{math.exp(record['logit_scale']):.1f}",
+                                            logit_scale=f"{record['logit_scale']:.2f}",  # the log, as logged
                                             sps=f"{record['samples_per_s']:.0f}", **memory)
                     if self.evaluator is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
                         self.evaluate(step)
@@ -368,8 +377,10 @@ class _Run:
     def summary(self, summary: dict, step: int, losses: list[float], last_saved: Optional[Path]) -> dict:
         """The run's outcome (status, last step and loss, last checkpoint) and, for a completed run, its model folder
         and plot."""
-        summary.update(step=step, final_loss=losses[-1] if losses else None,
-                       checkpoint=str(last_saved) if last_saved else None)
+        if step == self.start_step and step >= self.cfg.steps:
+            summary["nothing_to_do"] = True  # resumed a finished run: its numbers are those it logged
+        final_loss = losses[-1] if losses else last_logged(self.writer.path, "loss")
+        summary.update(step=step, final_loss=final_loss, checkpoint=str(last_saved) if last_saved else None)
         if summary["status"] == "completed":
             folder = self.write_model_folder()
             if folder is not None:

@@ -56,6 +56,14 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def last_logged(path: Path, key: str):
+    """The last value of `key` in a metrics.jsonl file, None when the file or the key is absent."""
+    if not Path(path).exists():
+        return None
+    values = [r[key] for r in read_metrics(path) if key in r]
+    return values[-1] if values else None
+
+
 def plot_curves(metrics_path: Path, out_path: Path) -> Optional[Path]:
     """Loss, logit scale and evaluation curves as one PNG; None when matplotlib is not installed."""
     try:

@@ -40,4 +40,4 @@ def test_nan_becomes_null_and_percentages(tmp_path):
     table = markdown(RESULTS["segmentation"])
     assert "| ade20k validation | 2 | 25.00 | 50.00 | - | 12.50 | 321.0 |" in table and "| sky | - |" in table
     assert "| coco | 5000 | 25000 | 62.50 | 80.00 | 90.00 | 45.00 | 70.00 | 80.00 |" in markdown(RESULTS["retrieval"])
-    assert "top-1 80.00  top-5 95.00" in summary(RESULTS["zeroshot"])
+    assert "top-1 80.00%  top-5 95.00%" in summary(RESULTS["zeroshot"])  # percent only with its sign
