@@ -23,6 +23,7 @@ BENCHMARKS: dict[str, Entry] = {
     "pooling": Entry("patch_pool", 11),
     "contrastive": Entry("contrastive_loss", 14),
     "dense": Entry(None, 6),  # two families (upsample_argmax, slide_decode), one per pass
+    "reference": Entry(None, 3),  # the torch backend against naive PyTorch (CPU first: benchmarks/reference.py)
     "infer": Entry(None, 17),
     "train": Entry(None, 24),
 }

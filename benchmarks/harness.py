@@ -80,14 +80,23 @@ def environment(device) -> dict:
                    compute_capability=f"{props.major}.{props.minor}", cudnn=torch.backends.cudnn.version(),
                    driver=_run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]))
     else:
-        env["cpu"] = platform.processor() or platform.machine()
+        env["cpu"] = _cpu_model() or platform.processor() or platform.machine()
         env["cpu_count"] = os.cpu_count()
     return env
 
 
+def _cpu_model() -> Optional[str]:
+    """The CPU's model name (Linux /proc/cpuinfo), None elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), None)
+    except OSError:
+        return None
+
+
 def machine_tag(env: dict) -> str:
-    """A short file-name-safe machine name: the GPU's, or cpu."""
-    name = env.get("gpu") or "cpu"
+    """A short file-name-safe machine name: the GPU's, or cpu-<model>-<n>cores."""
+    name = env.get("gpu") or "-".join(["cpu", *([env["cpu"], f"{env['cpu_count']}cores"] if env.get("cpu") else [])])
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
@@ -456,16 +465,23 @@ def _finite(value):
 
 
 def write_results(benchmark: str, rows: list[dict], env: dict, ceilings: Optional[dict], out_dir, *,
-                  settings: Optional[dict] = None, notes: Optional[dict] = None) -> Path:
+                  settings: Optional[dict] = None, notes: Optional[dict] = None, path: Optional[Path] = None,
+                  progress: Optional[dict] = None, quiet: bool = False) -> Path:
     """Write one run's JSON: benchmark name, environment, ceilings, settings (dtype, quick...), notes (how the work
-    of a case is counted) and the rows. Returns the path."""
+    of a case is counted), the rows and, from the driver, its progress (complete, cases done), to `path` (default: a
+    new `<benchmark>-<machine>-<time>.json` in out_dir; replaced atomically). Returns the path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{benchmark}-{machine_tag(env)}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path = path or out_dir / f"{benchmark}-{machine_tag(env)}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     record = {"benchmark": benchmark, "schema": SCHEMA, "environment": env, "ceilings": ceilings,
               "settings": settings or {}, "notes": notes or {}, "results": rows}
-    path.write_text(json.dumps(_finite(record), indent=1, default=str) + "\n")
-    print(f"wrote {path}", flush=True)
+    if progress is not None:
+        record["progress"] = progress
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text(json.dumps(_finite(record), indent=1, default=str) + "\n")
+    partial.replace(path)  # a process stopped mid-write leaves the previous complete file
+    if not quiet:
+        print(f"wrote {path}", flush=True)
     return path
 
 
@@ -566,7 +582,8 @@ class Benchmark:
         torch.manual_seed(0)  # inputs drawn from the global generator are the same every run
         run.state = self.setup(run)
         rows: list[dict] = []
-        for case in cases:
+        path = None
+        for done, case in enumerate(cases, 1):
             print(self.describe(case), flush=True)
             try:
                 rows += self.run_case(run, case)
@@ -574,13 +591,27 @@ class Benchmark:
                 rows.append(result(case.name, "(case setup)", pass_=self.setup_pass, skipped=error_text(error)))
                 print_row(rows[-1])
             free_cache(device)
-        settings = {"device": args.device, "quick": args.quick, "budget_s": args.budget_s,
-                    **self.settings(run, cases)}
+            # The JSON so far after every case: a run stopped at its time limit (the GPU suite's hard limit of its
+            # share) keeps the cases it finished; the last write, below, marks the record complete.
+            path = self._write(run, cases, rows, path, complete=False, cases_done=done)
+        settings = self._settings(run, cases)  # it may read run.state
         run.state = None  # the implementations or the model, before the results are written
         free_cache(device)
+        self._write(run, cases, rows, path, complete=True, cases_done=len(cases), settings=settings)
+        print_speedups(rows)
+        return 0
+
+    def _settings(self, run: Run, cases: list) -> dict:
+        return {"device": run.args.device, "quick": run.args.quick, "budget_s": run.args.budget_s,
+                **self.settings(run, cases)}
+
+    def _write(self, run: Run, cases: list, rows: list[dict], path: Optional[Path], *, complete: bool,
+               cases_done: int, settings: Optional[dict] = None) -> Path:
+        """The record of the rows so far (ratios added; each call recomputes them) at `path` (None: a new file)."""
         add_ratios(rows)
         for add in self.ratios:
             add(rows)
-        print_speedups(rows)
-        write_results(self.name, rows, env, ceilings, args.out, settings=settings, notes=self.notes)
-        return 0
+        settings = settings if settings is not None else self._settings(run, cases)
+        return write_results(self.name, rows, run.env, run.ceilings, run.args.out, settings=settings,
+                             notes=self.notes, path=path, quiet=not complete,
+                             progress={"complete": complete, "cases_done": cases_done, "cases": len(cases)})

@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
+    config.addinivalue_line("markers", "prove: a GPU test of benchmarks/gpu_prove.sh's trimmed matrix (with gpu)")
     config.addinivalue_line("markers", "slow: longer CPU test")
 
 

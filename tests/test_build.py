@@ -238,6 +238,7 @@ def test_current_stream_ptr_needs_a_cuda_device():
 
 
 @pytest.mark.gpu
+@pytest.mark.prove
 def test_current_stream_ptr_matches_torch():
     device = torch.device("cuda", 0)
     assert _ext.current_stream_ptr(device) == torch.cuda.current_stream(device).cuda_stream
@@ -248,6 +249,7 @@ def test_current_stream_ptr_matches_torch():
 
 
 @pytest.mark.gpu
+@pytest.mark.prove
 def test_cuda_info_matches_torch_on_a_gpu():
     ext = _extension_or_skip()
     info = ext.cuda_info()

@@ -120,20 +120,40 @@ __device__ __forceinline__ void mbar_arrive(std::uint32_t bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
 }
 
+__device__ __forceinline__ bool mbar_try_wait(std::uint32_t bar, std::uint32_t parity) {
+  std::uint32_t done;
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+      "selp.u32 %0, 1, 0, p;\n"
+      "}\n"
+      : "=r"(done)
+      : "r"(bar), "r"(parity)
+      : "memory");
+  return done != 0;
+}
+
 // Waits until the phase of parity `parity` has completed (a fresh barrier counts parity 1 as completed).
 __device__ __forceinline__ void mbar_wait(std::uint32_t bar, std::uint32_t parity) {
-  std::uint32_t done;
-  do {
-    asm volatile(
-        "{\n"
-        ".reg .pred p;\n"
-        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-        "selp.u32 %0, 1, 0, p;\n"
-        "}\n"
-        : "=r"(done)
-        : "r"(bar), "r"(parity)
-        : "memory");
-  } while (done == 0);
+  while (!mbar_try_wait(bar, parity)) {
+  }
+}
+
+// Failed tries after which the producer's wait is a protocol fault (a lost TMA transaction, a missing arrive), not a
+// slow consumer: each failed try_wait first suspends the thread for up to a system-dependent time (about a
+// microsecond), so this is seconds, while a legitimate wait lasts one tile's compute (microseconds).
+constexpr std::uint32_t kWaitTries = 1u << 24;
+
+// mbar_wait for the producer thread, bounded: past kWaitTries failed tries it traps, which aborts the whole launch
+// (an error, so the test fails) instead of hanging the process. The consumers' waits stay unbounded (no counter in
+// their register-tight loop): a consumer stuck on a full barrier never frees its stage, and the producer, which waits
+// for every stage to come back (produce: the ring, then the drain), times out and traps for it.
+__device__ __forceinline__ void mbar_wait_bounded(std::uint32_t bar, std::uint32_t parity) {
+  std::uint32_t tries = 0;
+  while (!mbar_try_wait(bar, parity)) {
+    if (++tries == kWaitTries) __trap();
+  }
 }
 
 // One box of a 4-D tensor map (coordinates innermost first: dh, token, head, batch) into shared memory; out-of-range
@@ -392,7 +412,7 @@ __device__ __forceinline__ void produce(const CUtensorMap* tmap_q, const CUtenso
     const int stage = it % S::kStages;
     const std::uint32_t phase = (it / S::kStages) & 1;
     const int key0 = (n_blocks - 1 - it) * kBN;
-    mbar_wait(bars.empty(stage), phase ^ 1);
+    mbar_wait_bounded(bars.empty(stage), phase ^ 1);
     mbar_arrive_expect_tx(bars.k_full(stage), S::kTileBytes);
 #pragma unroll
     for (int c = 0; c < S::kColBlocks; ++c) {
@@ -405,6 +425,12 @@ __device__ __forceinline__ void produce(const CUtensorMap* tmap_q, const CUtenso
       tma_load_4d(sbase + S::kV + stage * S::kTileBytes + c * kBN * kRowBytes, tmap_v, bars.v_full(stage),
                   c * kBlockCols, key0, h, b);
     }
+  }
+  // Drain: wait until the consumers have freed the stages of the last kStages tiles (the release of tile `it`
+  // completes phase it / kStages of its empty barrier). Nothing waits on this; it only bounds the consumers' last
+  // waits (see mbar_wait_bounded).
+  for (int it = n_blocks > S::kStages ? n_blocks - S::kStages : 0; it < n_blocks; ++it) {
+    mbar_wait_bounded(bars.empty(it % S::kStages), (it / S::kStages) & 1);
   }
 }
 

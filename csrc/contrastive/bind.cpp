@@ -43,16 +43,16 @@ void bind_contrastive(py::module_& m) {
       "contrastive_ds_tiles",
       [](const std::string& dtype, u img, u txt, u inv_i, u inv_t, u log_scale, u lse_rows, u lse_cols, u row_coef,
          u col_coef, u inv_kappa, u ds, u ds_dot_s, i64 m, i64 n, i64 dim, i64 offset, i64 stride_img, i64 stride_txt,
-         i64 stride_ds, i64 col_begin, i64 col_end, i64 row_chunk, i64 col_chunk, i64 n_col_chunks, u stream) {
+         i64 stride_ds, i64 col_begin, i64 col_end, i64 row_chunk, i64 col_chunk, i64 stride_ds_dot_s, u stream) {
         ct::ds_tiles(ct::parse_dtype(dtype), img, txt, inv_i, inv_t, log_scale, lse_rows, lse_cols, row_coef, col_coef,
                      inv_kappa, ds, ds_dot_s, m, n, dim, offset, stride_img, stride_txt, stride_ds, col_begin, col_end,
-                     row_chunk, col_chunk, n_col_chunks, stream);
+                     row_chunk, col_chunk, stride_ds_dot_s, stream);
       },
       py::arg("dtype"), py::arg("img"), py::arg("txt"), py::arg("inv_i"), py::arg("inv_t"), py::arg("log_scale"),
       py::arg("lse_rows"), py::arg("lse_cols"), py::arg("row_coef"), py::arg("col_coef"), py::arg("inv_kappa"),
       py::arg("ds"), py::arg("ds_dot_s"), py::arg("m"), py::arg("n"), py::arg("dim"), py::arg("offset"),
       py::arg("stride_img"), py::arg("stride_txt"), py::arg("stride_ds"), py::arg("col_begin"), py::arg("col_end"),
-      py::arg("row_chunk"), py::arg("col_chunk"), py::arg("n_col_chunks"), py::arg("stream"),
+      py::arg("row_chunk"), py::arg("col_chunk"), py::arg("stride_ds_dot_s"), py::arg("stream"),
       "Backward: the scaled dS of a column panel and per-chunk sums of dS * s (float64 log-sum-exps)");
   m.def(
       "contrastive_gemm",

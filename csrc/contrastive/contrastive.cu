@@ -345,7 +345,7 @@ __global__ void __launch_bounds__(kThreads)
               const double* lse_rows, const double* lse_cols, const float* row_coef, const float* col_coef,
               const float* inv_kappa, T* ds, float* ds_dot_s, std::int64_t m, std::int64_t dim, std::int64_t offset,
               std::int64_t stride_ds, std::int64_t col_begin, std::int64_t col_end, std::int64_t row_chunk,
-              std::int64_t col_chunk, std::int64_t n_col_chunks) {
+              std::int64_t col_chunk, std::int64_t stride_ds_dot_s) {
   __shared__ TileSmem<T> sm;
   __shared__ float scratch[kThreads / 32];
   const float scale = expf(*log_scale);
@@ -373,7 +373,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   const float total = block_sum(dot, scratch);
   if (threadIdx.x == 0) {
-    ds_dot_s[static_cast<std::int64_t>(blockIdx.x) * n_col_chunks + col_begin / col_chunk + blockIdx.y] = total;
+    ds_dot_s[static_cast<std::int64_t>(blockIdx.x) * stride_ds_dot_s + blockIdx.y] = total;  // this panel's chunks
   }
 }
 
@@ -536,7 +536,7 @@ void ds_tiles(DType dtype, std::uintptr_t img, std::uintptr_t txt, std::uintptr_
               std::uintptr_t col_coef, std::uintptr_t inv_kappa, std::uintptr_t ds, std::uintptr_t ds_dot_s,
               std::int64_t m, std::int64_t n, std::int64_t dim, std::int64_t offset, std::int64_t stride_img,
               std::int64_t stride_txt, std::int64_t stride_ds, std::int64_t col_begin, std::int64_t col_end,
-              std::int64_t row_chunk, std::int64_t col_chunk, std::int64_t n_col_chunks, std::uintptr_t stream) {
+              std::int64_t row_chunk, std::int64_t col_chunk, std::int64_t stride_ds_dot_s, std::uintptr_t stream) {
   require_positive(m, "m");
   require_positive(n, "n");
   require_positive(dim, "dim");
@@ -545,7 +545,8 @@ void ds_tiles(DType dtype, std::uintptr_t img, std::uintptr_t txt, std::uintptr_
           ") must be a non-empty part of [0, ", n, ")");
   require_chunks(row_chunk, col_chunk);
   require(col_begin % col_chunk == 0, "col_begin ", col_begin, " must be a multiple of col_chunk ", col_chunk);
-  require(n_col_chunks == ceil_div(n, col_chunk), "n_col_chunks ", n_col_chunks, " != ceil(n / col_chunk)");
+  require(stride_ds_dot_s >= ceil_div(col_end - col_begin, col_chunk), "stride_ds_dot_s ", stride_ds_dot_s,
+          " is smaller than the panel's ", ceil_div(col_end - col_begin, col_chunk), " column chunks");
   require(stride_ds >= col_end - col_begin, "stride_ds ", stride_ds, " is smaller than the panel");
   const dim3 grid = chunk_grid(m, col_end - col_begin, row_chunk, col_chunk);
   dispatch(dtype, [&](auto tag) {
@@ -557,7 +558,7 @@ void ds_tiles(DType dtype, std::uintptr_t img, std::uintptr_t txt, std::uintptr_
         as_ptr<const double>(lse_cols, "lse_cols"), as_ptr<const float>(row_coef, "row_coef"),
         as_ptr<const float>(col_coef, "col_coef"), as_ptr<const float>(inv_kappa, "inv_kappa"), as_ptr<T>(ds, "ds"),
         as_ptr<float>(ds_dot_s, "ds_dot_s"), m, dim, offset, stride_ds, col_begin, col_end, row_chunk, col_chunk,
-        n_col_chunks);
+        stride_ds_dot_s);
   });
   DTF_CHECK_LAUNCH();
 }

@@ -33,15 +33,16 @@ void forward_tiles(DType dtype, std::uintptr_t img, std::uintptr_t txt, std::uin
 
 // For columns [col_begin, col_end): dS_ij = row_coef_i (exp(s_ij - lse_rows_i) - [j == i + offset])
 //   + col_coef_j (exp(s_ij - lse_cols_j) - [j == i + offset]);
-// ds[i, j - col_begin] = dS_ij * inv_i * inv_t * inv_kappa (in dtype); ds_dot_s[row chunk, global column chunk] =
-// sum of dS_ij * s_ij over the chunk pair (fixed order: deterministic). lse_rows / lse_cols are float64 (split into
-// fp32 hi + lo, so that s - lse keeps fp32 precision where s is close to lse).
+// ds[i, j - col_begin] = dS_ij * inv_i * inv_t * inv_kappa (in dtype); ds_dot_s[row chunk * stride_ds_dot_s + the
+// panel's column chunk] = sum of dS_ij * s_ij over the chunk pair (fixed order: deterministic; ds_dot_s points at
+// the panel's first column chunk). lse_rows / lse_cols are float64 (split into fp32 hi + lo, so that s - lse keeps
+// fp32 precision where s is close to lse).
 void ds_tiles(DType dtype, std::uintptr_t img, std::uintptr_t txt, std::uintptr_t inv_i, std::uintptr_t inv_t,
               std::uintptr_t log_scale, std::uintptr_t lse_rows, std::uintptr_t lse_cols, std::uintptr_t row_coef,
               std::uintptr_t col_coef, std::uintptr_t inv_kappa, std::uintptr_t ds, std::uintptr_t ds_dot_s,
               std::int64_t m, std::int64_t n, std::int64_t dim, std::int64_t offset, std::int64_t stride_img,
               std::int64_t stride_txt, std::int64_t stride_ds, std::int64_t col_begin, std::int64_t col_end,
-              std::int64_t row_chunk, std::int64_t col_chunk, std::int64_t n_col_chunks, std::uintptr_t stream);
+              std::int64_t row_chunk, std::int64_t col_chunk, std::int64_t stride_ds_dot_s, std::uintptr_t stream);
 
 // c[m, n] (+)= alpha * row_scale[i] * (a @ b): a [m, k] and b [k, n] in dtype with any strides, c fp32 with row
 // stride ldc and unit column stride, alpha a device scalar.

@@ -1,9 +1,10 @@
 """Backend-neutral host helpers that more than one backend uses (no kernel code, no import of a backend).
 
 Numbers every backend agrees on (log2(e), the normalisation clamp, the accumulation dtype, the compiled kernels'
-dtype codes), how pooling splits an image's token rows over programs, the window table of slide_decode, and the
-`supports` checks that the Triton and CUDA kernels of a family share. `ops/triton` and `ops/cuda` import this
-module, never each other.
+dtype codes), how many programs fill a device, how pooling splits an image's token rows over programs, how a
+contrastive dS panel is cut into enough programs, the window table of slide_decode (kept on the device per
+geometry), and the `supports` checks that the Triton and CUDA kernels of a family share. `ops/triton` and `ops/cuda`
+import this module, never each other.
 """
 from __future__ import annotations
 
@@ -40,13 +41,18 @@ def round_up(x: int, unit: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ patch pooling
+def fill_target(device: torch.device) -> int:
+    """Programs a launch wants at least to fill the device: 4 per SM on a GPU; 4 on the CPU (Triton's interpreter:
+    small, so that tests at small shapes exercise the split paths)."""
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
 def row_splits(batch: int, rows: int, device: torch.device) -> tuple[int, int]:
     """(splits, rows per split) of each image's `rows` token rows: enough blocks to fill the GPU when the batch is
     small (a fixed function of the shape, so the partial sums, and the result, are deterministic)."""
-    if device.type == "cuda":
-        target, min_rows = 4 * torch.cuda.get_device_properties(device).multi_processor_count, 32
-    else:  # Triton's CPU interpreter: small, so that tests at small B exercise the split path
-        target, min_rows = 4, 16
+    target, min_rows = fill_target(device), (32 if device.type == "cuda" else 16)
     splits = max(1, min(cdiv(target, batch), cdiv(rows, min_rows)))
     per = cdiv(rows, splits)
     return cdiv(rows, per), per
@@ -65,6 +71,35 @@ def pooling_supports(kernels: str, max_dim: int) -> Supports:
                     f"{tokens.shape[-1]}")
         return None
     return check
+
+
+# ------------------------------------------------------------------------------------------ contrastive dS panels
+def _parts(units: int, wanted: int) -> int:
+    """The smallest divisor of `units` that is >= wanted (all of them: one unit each, when none is)."""
+    return next((p for p in range(max(1, wanted), units + 1) if units % p == 0), units)
+
+
+def ds_parts(row_chunks: int, col_chunks: int, row_chunk: int, col_chunk: int, unit: int,
+             target: int) -> tuple[int, int]:
+    """(row parts, column parts) to cut every (row chunk, column chunk) of a dS panel launch into, so that the launch
+    has at least `target` programs where the chunks allow it (at B_local = 32768 a panel is one column chunk: 32
+    programs for 132 SMs otherwise). Each part is a whole number of `unit`s (a chunk of q units is cut into a divisor
+    of q parts), so that every part lies in one chunk and fold_ds_partials can sum each chunk's parts exactly, in a
+    fixed order."""
+    wanted = cdiv(target, row_chunks * col_chunks)
+    if wanted <= 1:
+        return 1, 1
+    rows = _parts(row_chunk // unit, math.isqrt(wanted - 1) + 1)
+    return rows, _parts(col_chunk // unit, cdiv(wanted, rows))
+
+
+def fold_ds_partials(partials: torch.Tensor, ds_dot_s: torch.Tensor, first_chunk: int, row_parts: int,
+                     col_parts: int) -> None:
+    """ds_dot_s[:, first_chunk + j] = the sum of the parts of each (row chunk, column chunk j) in `partials`
+    [row chunks * row_parts, panel chunks * col_parts] (parts never launched hold zeros)."""
+    rows, cols = partials.shape[0] // row_parts, partials.shape[1] // col_parts
+    sums = partials.view(rows, row_parts, cols, col_parts).sum(dim=(1, 3))
+    ds_dot_s[:rows, first_chunk:first_chunk + cols].copy_(sums)
 
 
 # ------------------------------------------------------------------------------------------------- dense decode
@@ -102,6 +137,23 @@ def window_table(boxes, canvas_size, size):
     table, total, largest = _window_table(tuple(tuple(int(v) for v in box) for box in rows),
                                           tuple(int(s) for s in canvas_size), tuple(int(s) for s in size))
     return [list(row) for row in table], total, largest
+
+
+def device_window_table(boxes, canvas_size, size, device: torch.device) -> tuple[torch.Tensor, int, int]:
+    """window_table with the table as an int32 [windows, 5] tensor on `device`, made once per geometry and device
+    and kept: a slide_decode call then copies nothing to the GPU (no host-to-device copy and sync per image)."""
+    rows = boxes.tolist() if isinstance(boxes, torch.Tensor) else boxes
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return _device_window_table(tuple(tuple(int(v) for v in box) for box in rows), tuple(int(s) for s in canvas_size),
+                                tuple(int(s) for s in size), device)
+
+
+@functools.lru_cache(maxsize=256)
+def _device_window_table(boxes: tuple, canvas_size: tuple, size: tuple, device: torch.device):
+    table, total, largest = _window_table(boxes, canvas_size, size)
+    return torch.tensor(table, dtype=torch.int32, device=device), total, largest
 
 
 @functools.lru_cache(maxsize=256)  # the same geometry comes back for every image of a size

@@ -2,7 +2,7 @@
 checks, ratios, skipped rows)."""
 import pytest
 
-tc = pytest.importorskip("dinotxt_fast.ops.triton.contrastive")
+tuning = pytest.importorskip("dinotxt_fast.ops.triton.tuning")
 
 
 def test_benchmark_smoke_run(tmp_path):
@@ -12,7 +12,7 @@ def test_benchmark_smoke_run(tmp_path):
     import importlib
     import json
 
-    if not tc._INTERPRET:
+    if not tuning.INTERPRET:
         pytest.skip("the Triton kernels were imported for the GPU: the CPU smoke run needs TRITON_INTERPRET=1")
     bench = importlib.import_module("benchmarks.contrastive")
     assert bench.main(["--device", "cpu", "--quick", "--out", str(tmp_path)]) == 0

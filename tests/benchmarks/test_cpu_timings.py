@@ -8,7 +8,8 @@
 Regressions show in CI output as timings, never as failures: no test asserts a time. Each benchmark asserts its
 result (shape, finite, equal to an independent computation) so that a wrong path fails. Shapes are small but of the
 real kind (the ViT-L/14 token count 261, caption batches of 256, 224 px crops) so that the whole file runs in well
-under a minute on a 2-core machine.
+under a minute on a 2-core machine; the "torch backend vs naive" groups time both sides of a benchmarks/reference.py
+case at its real shape (its JSON, with peak memory in fresh processes, is the evidence; these are CI signals).
 """
 import random
 
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("pytest_benchmark")  # the `benchmark` fixture (the test extra installs it)
 
+from benchmarks import reference  # noqa: E402
 from dinotxt_fast import ops  # noqa: E402
 from dinotxt_fast.models.tokenizer import EOT, SOT, SimpleTokenizer, decode, tokenize  # noqa: E402
 from dinotxt_fast.train import synthetic  # noqa: E402
@@ -193,6 +195,32 @@ def test_slide_decode(benchmark):
     assert labels.shape == (300, 500)
     torch.testing.assert_close(scores, want_scores, rtol=1e-4, atol=1e-6)
     assert (labels == want_labels).float().mean() > 0.999
+
+
+# -------------------------------------------------------------------------- torch backend vs naive PyTorch
+REFERENCE_CASES = [case for case in reference.CASES if case.name in (
+    "upsample_argmax 150x37x49 -> 512x683 softmax", "slide_decode ADE20K grid 6x150x28x28 -> 512x683",
+    "contrastive_loss fwd+bwd B=1024 E=2048", "attention fwd+bwd ViT-L/14 224px 8x261x16x64",
+    "patch_pool +LN fwd+bwd 32x261x1024")]
+
+
+@pytest.mark.parametrize("impl", [reference.OURS, reference.NAIVE])
+@pytest.mark.parametrize("case", REFERENCE_CASES, ids=lambda case: case.name)
+def test_torch_backend_against_naive(benchmark, case, impl):
+    """Both sides of a benchmarks/reference.py case, timed in one group; each checked against the other side."""
+    benchmark.group = f"torch backend vs naive: {case.name}"
+    torch.manual_seed(0)
+    state = case.setup("cpu")
+    timed, other = (case.ours, case.naive) if impl == reference.OURS else (case.naive, case.ours)
+    got = benchmark.pedantic(timed, (state,), rounds=2, warmup_rounds=0)
+    want = other(state)
+    if case.compare == "labels":
+        assert got[0].shape == want[0].shape and float((got[0] == want[0]).double().mean()) >= 0.9999
+        torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6)
+    else:
+        for a, b in zip(got, want):
+            assert a.shape == b.shape and bool(torch.isfinite(a).all())
+            assert float((a - b).abs().max()) <= 1e-4 * float(b.abs().max()) + 1e-6
 
 
 # ------------------------------------------------------------------------------------------------ tokenizer

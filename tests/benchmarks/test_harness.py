@@ -37,7 +37,7 @@ def test_suite_rejects_unknown_benchmarks(capsys):
     with pytest.raises(SystemExit):
         parse_args(["nope"])
     assert "unknown benchmark" in capsys.readouterr().err
-    assert parse_args(["all"]).which == ["attention", "pooling", "contrastive", "dense", "infer", "train"]
+    assert parse_args(["all"]).which == ["attention", "pooling", "contrastive", "dense", "reference", "infer", "train"]
     assert parse_args(["train", "attention"]).which == ["attention", "train"]
 
 

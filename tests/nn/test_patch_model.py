@@ -202,6 +202,7 @@ def test_patched_head_on_the_triton_backend():
 
 
 @pytest.mark.gpu
+@pytest.mark.prove
 def test_gpu_patched_official_model_bf16():
     """Under bf16 autocast, the patched model (Triton attention) is no further from the fp32 model than the
     unpatched one (SDPA / explicit softmax in bf16) is, up to 2x (docs/design.md, "Testing and evidence")."""

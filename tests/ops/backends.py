@@ -13,6 +13,18 @@ CUDA = pytest.param("cuda", marks=pytest.mark.gpu)
 TORCH_AND_TRITON = ["torch", TRITON]
 
 
+# The GPU tests benchmarks/gpu_prove.sh runs (marker "prove", always with "gpu"): the matrix trimmed to what proves
+# each code path once (bf16 at the real shapes, one fp32 and one fp16 case per family, odd N, lengths, causal,
+# fused-qkv views). The rest of the GPU matrix (compute-sanitizer, torch.compile, the wider dtype and shape
+# products) is its optional second step.
+PROVE = pytest.mark.prove
+
+
+def proving(*values):
+    """A parametrize entry that gpu_prove.sh runs."""
+    return pytest.param(*values, marks=PROVE)
+
+
 def require(backend: str, family: str) -> None:
     """Skip unless `backend` is available here and provides `family` (e.g. CUDA kernels missing from this build)."""
     report = ops.backends()[backend]

@@ -20,7 +20,7 @@ from dinotxt_fast.ops import dispatch
 from dinotxt_fast.ops.reference import attention as ref_attention
 from dinotxt_fast.ops.reference import common
 
-from .backends import TORCH_AND_TRITON, kernel_module, needs_triton
+from .backends import PROVE, TORCH_AND_TRITON, kernel_module, needs_triton, proving
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -114,11 +114,51 @@ def test_attention_chunked_path_equals_unchunked(monkeypatch):
     q, k, v = (torch.randn(1, 37, 2, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
     full = ops.attention(q, k, v, causal=True)
     g_full = _grads(full, (q, k, v))
-    monkeypatch.setattr(common, "CHUNK_ELEMENTS", 2 * 37 * 5)  # 5 query rows a chunk
+    monkeypatch.setattr(common, "CHUNK_ELEMENTS", 37 * 5)  # 5 query rows a chunk (a head's scores do not fit)
     chunked = ops.attention(q, k, v, causal=True)
     torch.testing.assert_close(chunked, full, rtol=0, atol=1e-12)
     for a, b in zip(_grads(chunked, (q, k, v)), g_full):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_chunks_of_whole_heads_equal_one_chunk(causal, monkeypatch):
+    """Chunks of 2 of the 6 (batch, head) pairs, with lengths: the float64 result of one chunk."""
+    q, k, v = (torch.randn(2, 11, 3, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    lengths = torch.tensor([11, 4])
+    full = ops.attention(q, k, v, causal=causal, lengths=lengths)
+    g_full = _grads(full, (q, k, v))
+    monkeypatch.setattr(common, "CHUNK_ELEMENTS", 2 * 11 * 11)
+    assert ref_attention._chunks(6, 11, 11, q.device) == (2, 11)
+    chunked = ops.attention(q, k, v, causal=causal, lengths=lengths)
+    torch.testing.assert_close(chunked, full, rtol=0, atol=1e-13)
+    for a, b in zip(_grads(chunked, (q, k, v)), g_full):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-13)
+
+
+@pytest.mark.skipif(ref_attention._CPU_FLASH is None, reason="this torch has no CPU flash-attention op")
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpu_fp32_runs_pytorch_flash_kernels_with_the_family_contract(causal, monkeypatch):
+    """On a CPU, fp32 attention (forward with lse, backward) is PyTorch's flash kernel: the float64 oracle's output
+    and gradients, lengths as a key mask, lse = -inf and zero gradients for a sequence that sees no key."""
+    calls = []
+    flash = ref_attention._CPU_FLASH
+    monkeypatch.setattr(ref_attention, "_CPU_FLASH", lambda *a, **kw: calls.append(1) or flash(*a, **kw))
+    ref_inputs, go, inputs = _inputs(3, 33, 33, 2, 16, 16, torch.float32, seed=7)
+    lengths = torch.tensor([33, 0, 9])
+    got = _fwd_bwd(lambda q, k, v: ops.attention(q, k, v, causal=causal, lengths=lengths, backend="torch"),
+                   inputs, go)
+    want = _fwd_bwd(lambda q, k, v: oracle(q, k, v, causal, lengths=lengths),
+                    tuple(t.requires_grad_() for t in ref_inputs), go)
+    assert calls == [1]
+    for name, a, w in zip(("o", "dq", "dk", "dv"), got, want):
+        assert a.dtype == torch.float32 and a.is_contiguous(), name
+        torch.testing.assert_close(a.double(), w, rtol=1e-5, atol=2e-5, msg=name)
+        assert a[1].abs().max() == 0, name
+    _, lse = torch.ops.dinotxt_fast.attention_fwd(*inputs, causal, 0.25, lengths, "torch")
+    assert lse.shape == (3, 2, 33) and lse.is_contiguous() and bool((lse[1] == float("-inf")).all())
+    want_lse = ref_attention._chunked_forward(*(t.detach() for t in ref_inputs), causal, 0.25, lengths)[1]
+    torch.testing.assert_close(lse[[0, 2]].double(), want_lse[[0, 2]], rtol=1e-5, atol=1e-5)  # the same convention
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -147,7 +187,7 @@ def test_inference_on_the_torch_backend_uses_sdpa_with_the_same_result(causal, l
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("causal", [False, proving(True)])
 def test_gpu_torch_backend_inference_runs_sdpa(causal):
     """On CUDA the gradient-free torch backend is PyTorch's SDPA: bf16 error within 2x of SDPA's own (it is SDPA),
     lengths masked, zero rows for empty sequences."""
@@ -163,6 +203,7 @@ def test_gpu_torch_backend_inference_runs_sdpa(causal):
 
 
 @pytest.mark.gpu
+@PROVE
 def test_reference_ops_on_cuda():
     q, k, v = (torch.randn(2, 261, 4, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     out = ops.attention(q, k, v, backend="torch")
@@ -384,6 +425,17 @@ def test_deterministic_mode_uses_the_separate_dq_pass(monkeypatch, deterministic
 
 
 @needs_triton
+def test_batch_heads_are_not_bounded_by_a_grid_axis(triton_attention):
+    """B*H and the tiles share one grid axis (2**31 - 1 programs), not a 65,535 one: a text batch of 3,277 x 20
+    heads runs; only a launch beyond 2**31 programs is refused."""
+    ta = triton_attention
+    x = torch.empty(1, dtype=torch.float16)
+    assert ta.supports(x, {"batch_heads": 3277 * 20, "seq": 77, "head_dim": 64, "value_dim": 64}) is None
+    assert "2**31" in ta.supports(x, {"batch_heads": 2**27, "seq": 4101, "head_dim": 64, "value_dim": 64})
+    assert ta._grid("BLOCK_M", 77, 70000)({"BLOCK_M": 32, "PAIRS": 2}) == (3 * 35000,)  # 2 full tiles + a tail
+
+
+@needs_triton
 def test_unsupported_calls_fail_clearly():
     x = torch.randn(1, 3, 1, 16)
     with pytest.raises(ValueError, match="fp16, bf16 or fp32"):
@@ -413,17 +465,20 @@ def test_opcheck_and_compile_fullgraph_with_lengths(backend):
         torch.testing.assert_close(a, e)
 
 
-def test_deterministic_mode_runs_one_fixed_config_and_tuning_keys_on_batch_heads(monkeypatch, triton_attention):
+def test_deterministic_mode_runs_one_fixed_config_and_tuning_keys_on_batch_heads(triton_attention):
     """Deterministic mode must not pick tiles by timing (results would differ between processes): the pruner keeps
     one fixed configuration; B*H is part of the autotuning key (it changes how many programs fill the GPU)."""
+    from dinotxt_fast.ops.triton.tuning import TUNED
+
     ta = triton_attention
-    monkeypatch.setattr(ta, "_INTERPRET", False)  # the interpreter always runs its single configuration
-    for long, short, n in ((ta._FWD_LONG, ta._FWD_SHORT, 1029), (ta._BWD_KV_LONG, ta._BWD_KV_SHORT, 77),
-                           (ta._BWD_Q_LONG, ta._BWD_Q_SHORT, 4101)):
-        prune = ta._pruner(long, short)
-        tuned = prune(long + short, {"N_Q": n, "N_K": n, "FIXED_CONFIG": 0})
-        fixed = prune(long + short, {"N_Q": n, "N_K": n, "FIXED_CONFIG": 1})
-        assert len(tuned) > 1 and fixed == tuned[:1]
+    for name, n in (("attention._fwd_kernel", 1029), ("attention._bwd_kv_kernel", 77),
+                    ("attention._bwd_q_kernel", 4101)):
+        select = TUNED[name].select  # the GPU candidates' rule (the interpreter itself runs one configuration)
+        args = {"Q": torch.empty(1, dtype=torch.bfloat16), "BLOCK_D": 64, "BLOCK_DV": 64, "N_Q": n, "N_K": n}
+        tuned = select(list(TUNED[name].configs), {**args, "FIXED_CONFIG": 0})
+        fixed = select(list(TUNED[name].configs), {**args, "FIXED_CONFIG": 1})
+        # the dQ pass runs in deterministic mode only, so it has its fixed configuration alone
+        assert (len(tuned) > 1 or name == "attention._bwd_q_kernel") and fixed == tuned[:1]
     for kernel in (ta._fwd_kernel, ta._bwd_kv_kernel, ta._bwd_q_kernel):
         assert {"BH_BUCKET", "FIXED_CONFIG"} <= set(kernel.keys)
     q = torch.zeros(3, 5, 7, 16)
@@ -454,6 +509,7 @@ def test_text_tower_on_triton_matches_the_reference(monkeypatch):
 
 
 _COMPILE_SCRIPT = r"""
+import re
 import sys
 import triton
 from triton.backends.compiler import GPUTarget
@@ -466,11 +522,11 @@ def jit(kernel):
     return kernel
 
 SCALARS = {"H", "N_Q", "N_K", "BH", "N_Q_BUCKET", "N_K_BUCKET", "BH_BUCKET", "FIXED_CONFIG"}
-for label, kernel, configs, atomic in (("_fwd_kernel", A._fwd_kernel, A._FWD_SHORT, False),
-                                       ("_bwd_kv_kernel", A._bwd_kv_kernel, A._BWD_KV_LONG, True),
-                                       ("_bwd_q_kernel", A._bwd_q_kernel, A._BWD_Q_LONG, False)):
+for label, kernel, configs, atomic in (("_fwd_kernel", A._fwd_kernel, A._CONFIGS["fwd"][2, 128, "short"], False),
+                                       ("_bwd_kv_kernel", A._bwd_kv_kernel, A._CONFIGS["bwd_kv"][2, 128, "long"], True),
+                                       ("_bwd_q_kernel", A._bwd_q_kernel, A._CONFIGS["bwd_q"][2, 128, "long"], False)):
     fn, config = jit(kernel), configs[0]
-    n, causal = (77, True) if configs is A._FWD_SHORT else (261, False)
+    n, causal = (77, True) if label == "_fwd_kernel" else (261, False)
     consts = dict(HEAD_D=96, HEAD_DV=96, BLOCK_D=128, BLOCK_DV=128, CAUSAL=causal, HAS_LENS=True, ATOMIC_DQ=atomic,
                   DOT_PREC="tf32", BLOCK_M_TAIL=A._tail(n, config.kwargs["BLOCK_M"]),
                   BLOCK_N_TAIL=A._tail(n, config.kwargs["BLOCK_N"]), **config.kwargs)
@@ -491,7 +547,10 @@ for label, kernel, configs, atomic in (("_fwd_kernel", A._fwd_kernel, A._FWD_SHO
                        constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                               options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
-    assert "mma" in compiled.asm["ptx"], label
+    ptx = compiled.asm["ptx"]
+    assert "mma" in ptx, label
+    atomics = [line for line in ptx.splitlines() if re.match(r"\s*(@!?%p\d+\s+)?(atom|red)\.", line)]
+    assert bool(atomics) == atomic and all(".relaxed" in line for line in atomics), (label, atomics[:3])
     print("compiled", label)
 """
 
@@ -541,6 +600,7 @@ def _gpu_errors(b, n_q, n_k, h, d, causal, dtype, lengths=None, seed=0):
 
 
 @pytest.mark.gpu
+@PROVE
 @pytest.mark.parametrize("n,b", [(261, 8), (1029, 3), (4101, 1)])
 def test_gpu_vit_shapes_bf16(n, b):
     ours, torch_err = _gpu_errors(b, n, n, 16, 64, False, torch.bfloat16)
@@ -549,6 +609,7 @@ def test_gpu_vit_shapes_bf16(n, b):
 
 
 @pytest.mark.gpu
+@PROVE
 def test_gpu_text_causal_with_lengths_bf16():
     lengths = torch.randint(2, 78, (96,), device="cuda")
     ours, torch_err = _gpu_errors(96, 77, 77, 20, 64, True, torch.bfloat16, lengths=lengths, seed=1)
@@ -556,10 +617,16 @@ def test_gpu_text_causal_with_lengths_bf16():
         assert e <= 2 * e_torch, f"text {name}: {e:.2e} vs SDPA bf16 {e_torch:.2e}"
 
 
+# proved: fp16 causal at Dh 96 (padded to 128), bf16 query/key lengths apart at Dh 128, bf16 tiny at Dh 32
+_PROVED_HEAD_DIMS = {(96, torch.float16, (True, 261, 261)), (128, torch.bfloat16, (False, 77, 1029)),
+                     (32, torch.bfloat16, (False, 1, 5))}
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("d", [32, 96, 128])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("causal,n_q,n_k", [(True, 261, 261), (False, 77, 1029), (False, 1, 5)])
+@pytest.mark.parametrize("d,dtype,causal,n_q,n_k", [
+    proving(d, dtype, *shape) if (d, dtype, shape) in _PROVED_HEAD_DIMS else (d, dtype, *shape)
+    for d in (32, 96, 128) for dtype in (torch.float16, torch.bfloat16)
+    for shape in ((True, 261, 261), (False, 77, 1029), (False, 1, 5))])
 def test_gpu_head_dims_and_odd_shapes(d, dtype, causal, n_q, n_k):
     ours, torch_err = _gpu_errors(3, n_q, n_k, 5, d, causal, dtype, seed=2)
     for name, e, e_torch in zip(("o", "dq", "dk", "dv"), ours, torch_err):
@@ -567,6 +634,7 @@ def test_gpu_head_dims_and_odd_shapes(d, dtype, causal, n_q, n_k):
 
 
 @pytest.mark.gpu
+@PROVE
 def test_gpu_fp32_is_accurate_and_deterministic_mode_is_bitwise_reproducible():
     g = torch.Generator(device="cuda").manual_seed(3)
     q, k, v = (torch.randn(2, 261, 16, 64, device="cuda", generator=g, requires_grad=True) for _ in range(3))
@@ -587,17 +655,31 @@ def test_gpu_fp32_is_accurate_and_deterministic_mode_is_bitwise_reproducible():
         assert torch.equal(a, b)
 
 
+def _fused_qkv_loss(qkv):
+    q, k, v = qkv.unbind(2)
+    return ops.attention(q, k, v, backend="triton").float().square().sum()
+
+
+@pytest.mark.gpu
+@PROVE
+def test_gpu_fused_qkv_views():
+    """q, k, v as strided views of one fused projection (no copies) against the same values made contiguous."""
+    qkv = torch.randn(4, 261, 3, 16, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    eager = _fused_qkv_loss(qkv)
+    (g_eager,) = torch.autograd.grad(eager, qkv)
+    split = [t.detach().contiguous().requires_grad_() for t in qkv.unbind(2)]
+    want = ops.attention(*split, backend="triton").float().square().sum()
+    torch.testing.assert_close(eager, want)
+    for g, w in zip(g_eager.unbind(2), torch.autograd.grad(want, split)):
+        torch.testing.assert_close(g, w, rtol=0.02, atol=0.02)  # atomic dQ: summation order varies
+
+
 @pytest.mark.gpu
 def test_gpu_fused_qkv_views_and_compile():
     qkv = torch.randn(4, 261, 3, 16, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-
-    def f(qkv):
-        q, k, v = qkv.unbind(2)
-        return ops.attention(q, k, v, backend="triton").float().square().sum()
-
-    eager = f(qkv)
+    eager = _fused_qkv_loss(qkv)
     (g_eager,) = torch.autograd.grad(eager, qkv)
-    compiled = torch.compile(f, fullgraph=True)(qkv)
+    compiled = torch.compile(_fused_qkv_loss, fullgraph=True)(qkv)
     (g_compiled,) = torch.autograd.grad(compiled, qkv)
     torch.testing.assert_close(compiled, eager)
     torch.testing.assert_close(g_compiled, g_eager, rtol=0.02, atol=0.02)  # atomic dQ: summation order varies

@@ -5,7 +5,8 @@ For sm_90a, ptxas must report no spills and no stack frame for any instantiation
 causal or not), an entry register count whose CTA pool covers the setmaxnreg split (else the consumers' register
 request waits forever), and none of its wgmma/setmaxnreg performance warnings (C75xx: serialised wgmma, an injected
 warpgroup.arrive, an ignored setmaxnreg); the SASS must use HGMMA and TMA loads (UTMALDG), keep one P V group in
-flight across the softmax, and reach shared memory through STS/LDS rather than generic stores. The same file must
+flight across the softmax, reach shared memory through STS/LDS rather than generic stores, and trap (the producer's
+bounded mbarrier waits) rather than spin forever on a lost transaction. The same file must
 still compile for sm_80, where the kernel body is a trap stub. Skipped where nvcc (or, for the SASS, cuobjdump) is
 missing.
 """
@@ -127,6 +128,7 @@ def test_sm90a_sass_uses_hgmma_and_tma(sm90a):
         assert re.search(rf"USETMAXREG\.TRY_ALLOC\.CTAPOOL \w+, {CONSUMER_REGS:#x}\b", sass), \
             f"{name}: no consumer setmaxnreg.inc"
         assert not re.search(r"\b(LDL|STL)\b", sass), f"{name}: uses local memory"
+        assert "TRAP" in sass, f"{name}: no trap: the producer's mbarrier waits are not bounded"
         # The main loop waits for S = Q K^T with the P V group still pending (wait_group 1), so the softmax overlaps
         # it; a compiler-serialised pipeline would only wait for 0.
         assert "WARPGROUP.DEPBAR.LE gsb0, 0x1" in sass, f"{name}: P V does not overlap the softmax"

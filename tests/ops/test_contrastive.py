@@ -16,7 +16,7 @@ from dinotxt_fast.ops import contrastive_tiles, dispatch
 from dinotxt_fast.ops.reference import common
 from dinotxt_fast.ops.reference import contrastive as ref_contrastive
 
-from .backends import TORCH_AND_TRITON, kernel_module, needs_triton, require
+from .backends import PROVE, TORCH_AND_TRITON, kernel_module, needs_triton, proving, require
 from .oracles import features, oracle
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -133,6 +133,28 @@ def test_torch_partial_kernels_match_oracle(monkeypatch):
         REF_KERNELS["contrastive_partial_forward"](img, txt, scale, True, n - m + 1)
 
 
+def test_torch_tiles_are_bounded_on_a_cpu():
+    """The reference's logits tiles hold at most common.chunk_elements(device) values: O(B) memory at B = 8192."""
+    tiles = ref_contrastive.TorchTiles(cpu=True)
+    for m, n in ((8192, 8192), (3, 10), (5_000_000, 7)):
+        rows, cols = tiles.chunks(m, n)
+        assert rows * cols <= max(common.chunk_elements("cpu"), cols) and 1 <= cols <= n and 1 <= rows <= m
+    assert tiles.chunks(8192, 8192) == (8192, common.chunk_elements("cpu") // 8192)
+
+
+def test_in_place_normalize_backward_matches_the_reference_formula():
+    """The driver-temporary version (g / n - x (g . x) / n^3, in g's memory) against contrastive_normalize_backward,
+    with a zero row and a row below the norm clamp."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 40, generator=g, dtype=torch.float64)
+    x[2] = 0
+    x[4] *= 1e-14  # norm below NORM_EPS: the clamped branch
+    grad = torch.randn(6, 40, generator=g, dtype=torch.float64)
+    want = ref_contrastive.contrastive_normalize_backward(grad, x, True)
+    got = ref_contrastive._normalize_backward_into(grad.clone(), x)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+
+
 def test_partial_ops_registration():
     # No autograd formula on purpose: the partial ops run inside ContrastiveDistributed's forward and backward.
     img, txt = torch.randn(3, 8), torch.randn(7, 8)
@@ -212,6 +234,34 @@ def test_triton_partial_kernels_match_oracle_across_panels(normalize, monkeypatc
     assert grads[0].dtype == torch.float32 and grads[1].dtype == torch.float32 and grads[2].shape == ()
     for g, w in zip(grads, want):
         assert_rel(g, w, 1e-5)
+
+
+@pytest.mark.parametrize("target", [1, 4, 10**6])
+def test_ds_panels_cut_into_parts_give_the_same_gradients(target, monkeypatch, tc):
+    """Too few (row chunk, column chunk) pairs to fill the GPU (B_local = 32768 on 132 SMs: 32) are cut into parts
+    (planning.ds_parts) whose dS * s partial sums are folded per chunk: the same gradients, and the logit-scale
+    gradient within fp32 rounding of the uncut one, whatever the target."""
+    m, n, e, offset = 45, 161, 70, 77
+    monkeypatch.setattr(tc.TILES, "panel_bytes", m * 64 * 4)  # 3 panels of 64 columns
+    img, txt = torch.randn(m, e), torch.randn(n, e)
+    scale = torch.tensor(1.7)
+    row_coef, col_coef = (c.float() for c in _coefficients(m, n, offset))
+    lse_rows, lse_cols, _ = tc.KERNELS["contrastive_partial_forward"](img, txt, scale, True, offset)
+    runs = {}
+    for fill in (1, target):
+        monkeypatch.setattr(tc, "fill_target", lambda device, fill=fill: fill)
+        runs[fill] = tc.KERNELS["contrastive_partial_backward"](img, txt, scale, lse_rows, lse_cols, row_coef,
+                                                                col_coef, True, offset)
+    parts = tc.ds_parts(1, 1, tc.CHUNK_UNIT, tc.CHUNK_UNIT, tc.PART_UNIT, target)
+    assert (parts != (1, 1)) == (target > 1)
+    for cut, whole in zip(runs[target][:2], runs[1][:2]):
+        assert torch.equal(cut, whole)
+    torch.testing.assert_close(runs[target][2], runs[1][2], rtol=1e-6, atol=1e-7)
+
+
+def test_gemm_autotune_key_tells_accumulation_apart(tc):
+    """A tile tuned on a plain write is not reused for a read-modify-write (another code path, other spills)."""
+    assert "ACCUMULATE" in tc._gemm_kernel.keys
 
 
 def test_triton_primitives_write_every_output_element(poison, tc):
@@ -325,7 +375,8 @@ GPU_BACKENDS = ["triton", "cuda"]
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-@pytest.mark.parametrize("b,e,dtype", [(129, 130, torch.float32), (77, 64, torch.float32), (1, 64, torch.bfloat16)])
+@pytest.mark.parametrize("b,e,dtype", [proving(129, 130, torch.float32), (77, 64, torch.float32),
+                                       proving(1, 64, torch.bfloat16)])
 def test_gpu_odd_shapes(backend, b, e, dtype):
     require(backend, "contrastive_loss")
     img, txt = features(b, e, device="cuda")
@@ -345,6 +396,7 @@ def test_gpu_odd_shapes(backend, b, e, dtype):
 
 
 @pytest.mark.gpu
+@PROVE
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_gpu_bf16_real_batch(backend):
     require(backend, "contrastive_loss")
@@ -361,6 +413,7 @@ def test_gpu_bf16_real_batch(backend):
 
 
 @pytest.mark.gpu
+@PROVE
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_gpu_partial_32k_columns_accuracy_and_memory(backend):
     """One rank of an 8-GPU global batch of 32768: 4096 local rows against 32768 columns, E = 2048, bf16."""

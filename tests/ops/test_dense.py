@@ -15,7 +15,7 @@ from dinotxt_fast.inference.segmentation import segment, sliding_window_boxes
 from dinotxt_fast.models.dinotxt import create_model
 from dinotxt_fast.ops.reference import common
 
-from .backends import TORCH_AND_TRITON, needs_triton, require
+from .backends import PROVE, TORCH_AND_TRITON, needs_triton, proving, require
 
 pytestmark = pytest.mark.usefixtures("poison")
 
@@ -68,7 +68,7 @@ def test_patch_text_logits_is_cosine():
                                         (3, 8, 8, (5, 6))])
 @pytest.mark.parametrize("softmax", [False, True])
 def test_upsample_argmax_matches_interpolate(c, h, w, size, softmax, monkeypatch):
-    monkeypatch.setattr(common, "CHUNK_ELEMENTS", 2 * c * size[1] * 3)  # bands of 3 rows
+    monkeypatch.setattr(common, "CHUNK_ELEMENTS", c * size[1] * 3)  # bands of 3 rows (one image at a time)
     logits = torch.randn(2, c, h, w, dtype=torch.float64)
     full = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
     if softmax:
@@ -85,12 +85,55 @@ def test_slide_decode_matches_full_resolution_protocol(softmax, monkeypatch):
     canvas, c = (50, 71), 5
     boxes = [(0, 0, 30, 30), (0, 20, 30, 50), (0, 41, 30, 71), (20, 0, 50, 30), (20, 20, 50, 50), (20, 41, 50, 71)]
     window_logits = torch.randn(len(boxes), c, 4, 4, dtype=torch.float64)
-    for size in ((50, 71), (77, 101), (33, 40)):
+    for size in ((50, 71), (77, 101), (33, 40), (7, 9)):  # (7, 9): the resize reads scattered canvas rows
         labels, scores = ops.slide_decode(window_logits, boxes, canvas, size, softmax=softmax, return_scores=True)
         full = slide_oracle(window_logits, boxes, canvas, size, softmax)
         want_labels, want_scores = full.argmax(0), full.max(0).values
         torch.testing.assert_close(scores, want_scores, rtol=1e-12, atol=1e-12)
         assert torch.equal(labels, want_labels)
+
+
+def test_reference_labels_equal_the_full_resolution_maps_in_fp32():
+    """The torch backend at the ADE20K shapes against the naive fp32 expressions it replaces: the same labels (its
+    taps are computed as F.interpolate computes them in fp32; labels are the first maximum of the logits, the
+    softmax being monotone), scores to fp32 rounding."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 150, 37, 49, generator=g) * 0.1
+    full = F.interpolate(logits, size=(512, 683), mode="bilinear", align_corners=False)
+    for softmax in (False, True):
+        want = full.softmax(1) if softmax else full
+        labels, scores = ops.upsample_argmax(logits, (512, 683), softmax=softmax, return_scores=True, backend="torch")
+        assert float((labels == want.argmax(1)).double().mean()) >= 0.99999
+        torch.testing.assert_close(scores, want.max(1).values, rtol=1e-5, atol=1e-7)
+    boxes = sliding_window_boxes(512, 683, 384, 192)
+    windows = torch.randn(len(boxes), 21, 28, 28, generator=g) * 0.1  # the official grid, fewer classes
+    for size in ((512, 683), (480, 640)):
+        acc, count = torch.zeros(21, 512, 683), torch.zeros(512, 683)
+        for lg, (y0, x0, y1, x1) in zip(windows, boxes.tolist()):
+            acc[:, y0:y1, x0:x1] += F.interpolate(lg[None], size=(y1 - y0, x1 - x0), mode="bilinear",
+                                                  align_corners=False)[0].softmax(0)
+            count[y0:y1, x0:x1] += 1
+        want = F.interpolate((acc / count)[None], size=size, mode="bilinear", align_corners=False)[0]
+        labels, scores = ops.slide_decode(windows, boxes, (512, 683), size, return_scores=True, backend="torch")
+        assert float((labels == want.argmax(0)).double().mean()) >= 0.99999
+        torch.testing.assert_close(scores, want.max(0).values, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("band_rows", [1, 2, 5])
+def test_reference_bands_and_row_blocks_do_not_change_the_result(band_rows, monkeypatch):
+    """Bands of 1, 2 and 5 output rows (the kept block of width-resized source rows refilled as bands move on):
+    the same float64 result as one band, upsampling and downsampling, windows of two sizes."""
+    logits = torch.randn(2, 7, 5, 6, dtype=torch.float64)
+    boxes, canvas = [(0, 0, 12, 15), (0, 9, 12, 26), (8, 0, 20, 14), (5, 11, 20, 26)], (20, 26)
+    windows = torch.randn(4, 7, 3, 4, dtype=torch.float64)
+    whole = [ops.upsample_argmax(logits, (23, 17), softmax=True, return_scores=True)]
+    whole += [ops.slide_decode(windows, boxes, canvas, size, return_scores=True) for size in ((31, 40), (6, 9))]
+    monkeypatch.setattr(common, "CHUNK_ELEMENTS", 7 * 40 * band_rows)
+    banded = [ops.upsample_argmax(logits, (23, 17), softmax=True, return_scores=True)]
+    banded += [ops.slide_decode(windows, boxes, canvas, size, return_scores=True) for size in ((31, 40), (6, 9))]
+    for (labels, scores), (want_labels, want_scores) in zip(banded, whole):
+        assert torch.equal(labels, want_labels)
+        torch.testing.assert_close(scores, want_scores, rtol=1e-13, atol=1e-15)
 
 
 def test_slide_decode_errors():
@@ -199,6 +242,21 @@ def test_triton_slide_decode_coverage_errors_match_reference():
         ops.slide_decode(logits, boxes, canvas, (9, 8), backend="triton")
 
 
+def test_window_table_is_made_once_per_geometry_and_device():
+    """slide_decode's window table goes to the device once per (boxes, canvas, size): a segmentation run calls it
+    per image with the same geometry, and a fresh table would be a host-to-device copy and a sync each time."""
+    from dinotxt_fast.ops.planning import device_window_table, window_table
+
+    boxes = sliding_window_boxes(512, 683, 384, 192)
+    first = device_window_table(boxes, (512, 683), (512, 683), "cpu")
+    again = device_window_table(boxes.tolist(), [512, 683], (512, 683), torch.device("cpu"))
+    assert again[0] is first[0]  # the same tensor: made once
+    table, total, largest = first
+    assert table.dtype == torch.int32 and table.shape == (6, 5) and table.device.type == "cpu"
+    assert (table.tolist(), total, largest) == window_table(boxes, (512, 683), (512, 683))
+    assert device_window_table(boxes, (512, 683), (256, 342), "cpu")[0] is not table  # another geometry
+
+
 @needs_triton
 def test_triton_dense_rejects_what_it_cannot_run():
     x = torch.randn(1, 3, 4, 4, dtype=torch.float64)
@@ -243,6 +301,7 @@ def _ade_like_windows(classes, dtype, grid=28):
 
 
 @pytest.mark.gpu
+@PROVE
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_gpu_patch_text_logits_bf16_real_shapes(backend):
     require(backend, "patch_text_logits")
@@ -259,7 +318,7 @@ def test_gpu_patch_text_logits_bf16_real_shapes(backend):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [proving(torch.float32), proving(torch.float16), torch.bfloat16])
 def test_gpu_upsample_argmax_odd_shapes(backend, dtype):
     require(backend, "upsample_argmax")
     for c, h, w, size in ((1, 3, 4, (7, 9)), (150, 37, 49, (512, 683)), (19, 73, 146, (1024, 2048)),
@@ -273,7 +332,7 @@ def test_gpu_upsample_argmax_odd_shapes(backend, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-@pytest.mark.parametrize("classes,size", [(150, (512, 683)), (19, (1024, 1366)), (1000, (300, 401))])
+@pytest.mark.parametrize("classes,size", [proving(150, (512, 683)), (19, (1024, 1366)), (1000, (300, 401))])
 def test_gpu_slide_decode_official_protocol(backend, classes, size):
     """The official windows on a 512x683 canvas, decoded at the canvas size, upsampled 2x and downsampled:
     >= 99.99% pixel agreement with the full-resolution protocol, exact where the margin exceeds rounding, and no
@@ -294,6 +353,7 @@ def test_gpu_slide_decode_official_protocol(backend, classes, size):
 
 
 @pytest.mark.gpu
+@PROVE
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_gpu_slide_decode_bf16_logits_and_whole_mode(backend):
     require(backend, "slide_decode")

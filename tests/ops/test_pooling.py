@@ -14,7 +14,7 @@ from dinotxt_fast.ops.planning import row_splits
 from dinotxt_fast.ops.reference import common
 from dinotxt_fast.ops.reference import pooling as ref_pooling
 
-from .backends import TORCH_AND_TRITON, available, kernel_module, needs_triton, require
+from .backends import TORCH_AND_TRITON, available, kernel_module, needs_triton, proving, require
 
 pytestmark = pytest.mark.usefixtures("poison")
 
@@ -83,6 +83,22 @@ def test_patch_pool_matches_float64_oracle(r, ln, normalize, chunked, monkeypatc
         torch.testing.assert_close(got, exp, rtol=1e-9, atol=1e-9)
     if r:
         assert grads[0][:, 1:1 + r].abs().max() == 0  # registers get exactly zero gradient
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_patch_pool_fp32_with_offset_tokens_matches_float64(normalize):
+    """Tokens whose mean is 100x their spread (a residual stream's offset): the reference's LayerNorm statistics
+    and closed-form backward stay at fp32 accuracy (no cancellation from expanding the centred sums)."""
+    g = torch.Generator().manual_seed(2)
+    tokens64 = torch.randn(3, 1 + 4 + 50, 64, generator=g, dtype=torch.float64) + 100
+    w64, b64 = torch.randn(64, generator=g, dtype=torch.float64), torch.randn(64, generator=g, dtype=torch.float64)
+    grad = torch.randn(3, 128, generator=g, dtype=torch.float64)
+    want, want_grads = run(*exact_copies(tokens64, w64, b64), 4, normalize, grad, "eager")
+    inputs = [t.float().requires_grad_() for t in (tokens64, w64, b64)]
+    out, grads = run(*inputs, 4, normalize, grad, "torch")
+    assert _rel_err(out, want) < 1e-5
+    for got, exp in zip(grads, want_grads):
+        assert _rel_err(got, exp) < 1e-5
 
 
 def test_patch_pool_low_precision_and_errors():
@@ -188,6 +204,16 @@ def test_pool_under_torch_compile(backend):
 
 
 @needs_triton
+def test_autotune_keys_do_not_depend_on_the_batch():
+    """The rows per split change with the batch size (planning.row_splits): keyed on them, every tail batch of an
+    epoch would re-run the autotuner. The keys hold the image's rows instead."""
+    tpool = kernel_module("triton", "pooling")
+    assert tpool._pool_partial.keys == ["D", "n_rows", "HAS_LN"]
+    assert tpool._pool_backward.keys == ["D", "n_tokens", "HAS_LN"]
+    assert row_splits(3, 256, torch.device("cpu")) != row_splits(1024, 256, torch.device("cpu"))
+
+
+@needs_triton
 def test_triton_pool_rejects_what_it_cannot_run():
     with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
         ops.patch_pool(torch.randn(1, 3, 8, dtype=torch.float64), num_registers=0, backend="triton")
@@ -206,7 +232,7 @@ def test_row_splits_partition_the_rows():
 # ------------------------------------------------------------------------------------------------------ GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-@pytest.mark.parametrize("ln,normalize", [(None, False), ("weight", False), ("weight+bias", True)])
+@pytest.mark.parametrize("ln,normalize", [proving(None, False), ("weight", False), proving("weight+bias", True)])
 def test_gpu_pool_real_shapes_bf16(backend, ln, normalize):
     """B=64, N=1+4+256, D=1024 in bf16 (LayerNorm parameters too): no worse than 2x PyTorch's bf16 error."""
     require(backend, "patch_pool")
@@ -224,8 +250,11 @@ def test_gpu_pool_real_shapes_bf16(backend, ln, normalize):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("b,p,d,r", [(5, 77, 24, 0), (1, 261, 102, 4), (3, 1029, 1536, 4), (7, 1, 1000, 4)])
+@pytest.mark.parametrize("dtype,b,p,d,r", [
+    proving(dtype, *shape) if (dtype, shape) in ((torch.float32, (1, 261, 102, 4)), (torch.float16, (3, 1029, 1536, 4)))
+    else (dtype, *shape)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16)
+    for shape in ((5, 77, 24, 0), (1, 261, 102, 4), (3, 1029, 1536, 4), (7, 1, 1000, 4))])
 def test_gpu_pool_odd_shapes(backend, dtype, b, p, d, r):
     """Odd sizes: D not a multiple of 4 (scalar loads), D = 1536, one patch, a B that leaves SMs idle."""
     require(backend, "patch_pool")

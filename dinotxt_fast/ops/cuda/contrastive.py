@@ -8,6 +8,7 @@ import torch
 from ... import _ext
 from ..contrastive_tiles import KernelTiles, tiled_dtype_problem, tiled_kernels, unit_norms
 from ..dispatch import add_kernels
+from ..planning import cdiv, ds_parts, fill_target, fold_ds_partials
 from . import require_extension
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -84,13 +85,21 @@ class CudaTiles(KernelTiles):
             (logit_scale, "logit_scale"), (row_coef, "row_coef"), (col_coef, "col_coef"), (inv_kappa, "inv_kappa")))
         lse_r, lse_c = (_vector(t, name, device, torch.float64) for t, name in ((lse_rows, "lse_rows"),
                                                                                (lse_cols, "lse_cols")))
+        # Enough blocks to fill the GPU: each chunk pair cut into parts, their partial sums folded per chunk after.
+        row_chunks, panel_chunks = cdiv(m, row_chunk), cdiv(col_end - col_begin, col_chunk)
+        row_parts, col_parts = ds_parts(row_chunks, panel_chunks, row_chunk, col_chunk, TILE, fill_target(device))
+        first, split = col_begin // col_chunk, row_parts * col_parts > 1
+        partials = torch.zeros(row_chunks * row_parts, panel_chunks * col_parts, dtype=torch.float32,
+                               device=device) if split else ds_dot_s[:, first:]
         with torch.cuda.device(device):
             _extension().contrastive_ds_tiles(
                 _dtype_name(img), img.data_ptr(), txt.data_ptr(), inv_i.data_ptr(), inv_t.data_ptr(),
                 log_scale.data_ptr(), lse_r.data_ptr(), lse_c.data_ptr(), coef_r.data_ptr(), coef_c.data_ptr(),
-                ik.data_ptr(), ds.data_ptr(), ds_dot_s.data_ptr(), m, n, dim, offset, img.stride(0), txt.stride(0),
-                ds.stride(0), col_begin, col_end, row_chunk, col_chunk, ds_dot_s.shape[1],
+                ik.data_ptr(), ds.data_ptr(), partials.data_ptr(), m, n, dim, offset, img.stride(0), txt.stride(0),
+                ds.stride(0), col_begin, col_end, row_chunk // row_parts, col_chunk // col_parts, partials.stride(0),
                 _ext.current_stream_ptr(device))
+        if split:
+            fold_ds_partials(partials, ds_dot_s, first, row_parts, col_parts)
 
     def gemm(self, a, b, c, alpha, row_scale, accumulate):
         device = c.device

@@ -1,12 +1,13 @@
 """CUDA dense patch-text decoding (wrappers of dinotxt_fast._C), same contract as reference/dense.py; the window
-table of slide_decode is planning.window_table, shared with the Triton kernels."""
+table of slide_decode is planning.device_window_table (made once per geometry and kept on the device), shared with
+the Triton kernels."""
 from __future__ import annotations
 
 import torch
 
 from ... import _ext
 from ..dispatch import add_kernels
-from ..planning import DTYPE_CODES, KERNEL_DTYPES, dense_supports, window_table
+from ..planning import DTYPE_CODES, KERNEL_DTYPES, dense_supports, device_window_table
 from . import require_extension
 
 # Every output and workspace is allocated through this, so that tests can poison them (NaN / -1).
@@ -57,8 +58,7 @@ def slide_decode(window_logits, boxes, canvas_size, size, softmax: bool):
     _check("slide_decode", "window_logits", window_logits)
     n_windows, c, h, w = window_logits.shape
     device = window_logits.device
-    table, total_area, max_area = window_table(boxes, canvas_size, size)
-    table = torch.tensor(table, dtype=torch.int32, device=device)
+    table, total_area, max_area = device_window_table(boxes, canvas_size, size, device)
     lse = _empty(total_area if softmax else 1, dtype=torch.float32, device=device)
     labels = _empty(*size, dtype=torch.int64, device=device)
     scores = _empty(*size, dtype=torch.float32, device=device)

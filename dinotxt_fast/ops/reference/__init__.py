@@ -2,7 +2,11 @@
 against.
 
 They run anywhere (CPU, CUDA, float64), compute in float32 (float64 for float64 inputs) and keep memory bounded by
-working in chunks (common.CHUNK_ELEMENTS), so that the reference path is usable on real shapes, not only in tests.
+working in chunks (common.chunk_elements: cache-sized on a CPU, common.CHUNK_ELEMENTS elsewhere), so that the
+reference path is the fast default on real shapes, not only a test oracle: no op is slower or heavier than its naive
+PyTorch expression at the shapes the package runs (benchmarks/reference.py measures it). On a CPU, attention in
+fp32/bf16/fp16 runs PyTorch's own flash-attention kernels, which have this family's contract; float64 keeps the
+chunked formulas.
 Each op family has a forward returning what its backward needs and a backward taking exactly that: the contract the
 Triton and CUDA backends implement too. Like ops/triton and ops/cuda, this package declares its backend and each
 family module registers its kernels (dispatch.add_kernels) on import.

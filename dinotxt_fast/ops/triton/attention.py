@@ -13,12 +13,20 @@ Tiling for odd N (261 = 256 + 5, 77, ...):
   BLOCK_N_TAIL with bounds masks;
 - short sequences (N <= 128): configurations with small tiles that also loop over several (batch, head) pairs per
   program (PAIRS), so that B*H = 20480 text heads are not 20480 tiny programs.
+- one grid axis of (tile, group of pairs) programs, the tiles of a group adjacent (they share its K/V in L2): B*H is
+  not bounded by a grid axis' 65,535.
+- the autotuning candidates depend on the operand width (fp32 runs IEEE products on the CUDA cores: its own small
+  tiles), the padded head dim (64 or 128) and the sequence family; see _CANDIDATES and ops/triton/tuning.py (the
+  fixed configuration of DINOTXT_FAST_AUTOTUNE=0 and deterministic mode).
 
 Backward: a delta = rowsum(dO * O) pre-pass; one program per key block computes dK and dV; dQ comes either from a
 separate pass over query blocks (deterministic: no atomics; used when torch.use_deterministic_algorithms(True)) or,
-by default, from fp32 atomic adds in the dK/dV pass (FlashAttention-2's choice: fewer recomputed matmuls). Both passes
-are one kernel (`_bwd_kernel`, its DQ_PASS switch), autotuned separately.
+by default, from fp32 atomic adds (relaxed: they only accumulate) in the dK/dV pass (FlashAttention-2's choice:
+fewer recomputed matmuls). Both passes are one kernel (`_bwd_kernel`, its DQ_PASS switch), autotuned separately.
 Softmax runs in base 2 (exp2) on scores pre-multiplied by scale * log2(e); accumulation is fp32 everywhere.
+
+Compiled for sm_90 and run under the CPU interpreter only: no configuration here has run on a GPU yet
+(benchmarks/gpu_prove.sh is the first check; speed claims wait for benchmarks/gpu_suite.sh).
 """
 from __future__ import annotations
 
@@ -31,6 +39,7 @@ import triton.language as tl
 
 from ..dispatch import add_kernels
 from ..planning import LOG2E
+from .tuning import autotune, autotune_enabled
 
 _LOG2E = tl.constexpr(LOG2E)  # the kernels' softmax runs in base 2
 MAX_HEAD_DIM = 128
@@ -44,56 +53,88 @@ def _config(block_m, block_n, pairs, warps, stages):
                          num_stages=stages)
 
 
-# A few hand-picked configurations per family (each costs a compile of seconds while autotuning).
-# Long sequences (ViT: 261, 1029, 4101): one (batch, head) pair per program, big tiles. (BLOCK_M, BLOCK_N, warps,
-# stages)
-_FWD_LONG = [_config(m, n, 1, w, s) for m, n, w, s in (
-    (128, 64, 8, 3), (128, 64, 4, 3), (128, 64, 8, 4), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3),
-    (64, 64, 4, 4), (64, 128, 4, 2))]
-_BWD_KV_LONG = [_config(m, n, 1, w, s) for m, n, w, s in (
-    (32, 64, 4, 2), (32, 64, 4, 3), (32, 128, 8, 2), (64, 64, 4, 2), (64, 64, 8, 3), (64, 128, 8, 2))]
-_BWD_Q_LONG = [_config(m, n, 1, w, s) for m, n, w, s in (
-    (64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3))]
-# Short sequences (text: <= 77; anything <= 128): small tiles, several (batch, head) pairs per program.
-# (BLOCK_M, BLOCK_N, PAIRS, warps, stages)
-_FWD_SHORT = [_config(*c) for c in (
-    (16, 32, 4, 2, 2), (16, 64, 4, 2, 1), (32, 32, 2, 4, 2), (32, 32, 4, 2, 1), (32, 64, 2, 4, 2), (64, 32, 1, 4, 2),
-    (64, 64, 1, 4, 2), (64, 64, 2, 4, 1))]
-_BWD_KV_SHORT = [_config(*c) for c in (
-    (16, 32, 2, 2, 2), (16, 32, 4, 2, 1), (16, 64, 2, 4, 2), (32, 32, 2, 4, 2), (32, 64, 1, 4, 2), (32, 64, 2, 4, 1))]
-_BWD_Q_SHORT = [_config(*c) for c in (
-    (16, 32, 4, 2, 2), (32, 32, 2, 4, 2), (32, 32, 4, 2, 1), (32, 64, 2, 4, 2), (64, 64, 1, 4, 2))]
-# Under the CPU interpreter autotuning is pointless and slow: one small configuration that still exercises every
-# code path (full and tail tiles of queries and keys, causal blocks, several pairs per program).
-_INTERPRET_CONFIGS = [_config(32, 32, 2, 4, 1)]
+# A few hand-picked candidates per pass and problem class (each costs a compile of seconds while autotuning), keyed
+# (operand bytes, padded head dim, sequence family); the first of each list is the fixed configuration
+# (DINOTXT_FAST_AUTOTUNE=0, deterministic mode). Every candidate compiles for sm_90 at the real shapes within 227 KB
+# of shared memory and, for fp16/bf16, without register spills, with Triton 3.6 and 3.9
+# (benchmarks/results/codegen/). fp32 runs IEEE products on the CUDA cores, not tensor cores: its own small tiles,
+# mostly 8 warps and one stage, the few that compile without spills (the 16-bit lists' tiles spill up to 134 KB in
+# fp32 and need up to 393 KB of shared memory at Dh 128).
+# Long sequences (ViT: 261, 1029, 4101): one (batch, head) pair per program, big tiles; short ones (text: <= 77;
+# anything <= SHORT_N): small tiles, several (batch, head) pairs per program.
+# Entries: (BLOCK_M, BLOCK_N, PAIRS, warps, stages).
 SHORT_N = 128
+_CANDIDATES = {
+    "fwd": {
+        (2, 64, "long"): ((128, 64, 1, 8, 3), (128, 64, 1, 4, 3), (128, 64, 1, 8, 4), (128, 128, 1, 8, 3),
+                          (128, 32, 1, 4, 4), (64, 64, 1, 4, 3), (64, 64, 1, 4, 4), (64, 128, 1, 4, 2)),
+        (2, 128, "long"): ((128, 64, 1, 8, 3), (128, 128, 1, 8, 3), (128, 32, 1, 4, 4), (64, 64, 1, 4, 3),
+                           (64, 128, 1, 4, 2)),
+        (2, 64, "short"): ((64, 64, 1, 4, 2), (16, 32, 4, 2, 2), (16, 64, 4, 2, 1), (32, 32, 2, 4, 2),
+                           (32, 32, 4, 2, 1), (32, 64, 2, 4, 2), (64, 32, 1, 4, 2)),
+        (2, 128, "short"): ((64, 64, 1, 4, 2), (16, 32, 4, 2, 2), (32, 32, 2, 4, 2), (64, 32, 1, 4, 2)),
+        (4, 64, "long"): ((32, 32, 1, 4, 2), (64, 32, 1, 8, 1), (32, 32, 1, 4, 1)),
+        (4, 128, "long"): ((32, 64, 1, 8, 1),),
+        (4, 64, "short"): ((16, 32, 4, 2, 2), (32, 32, 1, 4, 1)),
+        (4, 128, "short"): ((32, 64, 1, 8, 1),),
+    },
+    "bwd_kv": {
+        (2, 64, "long"): ((64, 64, 1, 4, 2), (32, 64, 1, 4, 2), (32, 64, 1, 4, 3), (32, 128, 1, 8, 2),
+                          (64, 64, 1, 8, 3), (64, 128, 1, 8, 2)),
+        (2, 128, "long"): ((32, 64, 1, 8, 2), (64, 64, 1, 8, 2), (32, 128, 1, 8, 2)),
+        (2, 64, "short"): ((32, 64, 1, 4, 2), (16, 32, 4, 2, 1), (32, 64, 2, 4, 1)),
+        (2, 128, "short"): ((32, 64, 1, 8, 2), (32, 32, 1, 4, 2), (16, 64, 1, 4, 2)),
+        (4, 64, "long"): ((32, 32, 1, 8, 1), (16, 32, 1, 4, 1), (32, 32, 1, 4, 1), (32, 16, 1, 4, 2)),
+        (4, 128, "long"): ((16, 32, 1, 8, 2), (32, 16, 1, 4, 2)),
+        (4, 64, "short"): ((16, 64, 1, 4, 2), (32, 32, 1, 8, 1), (16, 32, 1, 4, 1)),
+        (4, 128, "short"): ((16, 32, 1, 8, 2),),
+    },
+    # The dQ pass runs only in deterministic mode, which always runs the fixed configuration: one entry each.
+    "bwd_q": {
+        (2, 64, "long"): ((64, 64, 1, 4, 2),),
+        (2, 128, "long"): ((64, 64, 1, 4, 2),),
+        (2, 64, "short"): ((64, 64, 1, 4, 2),),
+        (2, 128, "short"): ((64, 64, 1, 4, 2),),
+        (4, 64, "long"): ((32, 32, 1, 4, 2),),
+        (4, 128, "long"): ((32, 32, 1, 4, 2),),
+        (4, 64, "short"): ((32, 32, 1, 4, 2),),
+        (4, 128, "short"): ((32, 32, 1, 4, 2),),
+    },
+}
+_CONFIGS = {name: {key: [_config(*c) for c in entries] for key, entries in table.items()}
+            for name, table in _CANDIDATES.items()}
+# Under the CPU interpreter: one small configuration that still exercises every code path (full and tail tiles of
+# queries and keys, causal blocks, several pairs per program).
+_INTERPRET_CONFIG = _config(32, 32, 2, 4, 1)
 
 
-def _pruner(long_configs, short_configs):
-    """Pick the configuration family by sequence length; tiles no larger than the sequence needs."""
+def problem_class(args: dict) -> tuple[int, int, str]:
+    """The candidate list of a call: (operand bytes, padded head dim 64 or 128, "long" or "short")."""
+    width = 4 if args["Q"].element_size() == 4 else 2
+    head = 64 if max(args["BLOCK_D"], args["BLOCK_DV"]) <= 64 else 128
+    return width, head, "short" if max(args["N_Q"], args["N_K"]) <= SHORT_N else "long"
+
+
+def _pruner(table):
+    """The candidates of the call's problem class, with tiles no larger than the sequence needs."""
     def prune(configs, named_args, **kwargs):
-        if _INTERPRET:
-            return configs
         args = {**named_args, **kwargs}
-        n = max(args["N_Q"], args["N_K"])
-        family = short_configs if n <= SHORT_N else long_configs
-        cap = max(16, triton.next_power_of_2(n))
-        kept = [c for c in family if c.kwargs["BLOCK_M"] <= cap and c.kwargs["BLOCK_N"] <= cap] or family[:1]
-        # Deterministic mode: a fixed configuration (no timing), so that the tile sizes, hence the summation order
-        # and the results, are the same in every process, not just within one.
-        return kept[:1] if args.get("FIXED_CONFIG") else kept
+        family = table[problem_class(args)]
+        cap = max(16, triton.next_power_of_2(max(args["N_Q"], args["N_K"])))
+        return [c for c in family if c.kwargs["BLOCK_M"] <= cap and c.kwargs["BLOCK_N"] <= cap] or family[:1]
     return prune
 
 
-def _autotune(long_configs, short_configs, reset_to_zero=None):
-    configs = _INTERPRET_CONFIGS if _INTERPRET else long_configs + short_configs
+def _autotune(name, pass_, reset_to_zero=None):
+    table = _CONFIGS[pass_]
     # Keyed on power-of-two buckets of the lengths (not every N: the text tower sees up to 77 distinct lengths) and
     # of B*H (how many programs fill the GPU changes the best tile), head dims, masking mode, fixed-config
     # (deterministic) mode and, implicitly, the dtypes.
-    return triton.autotune(configs=configs, key=["N_Q_BUCKET", "N_K_BUCKET", "BH_BUCKET", "HEAD_D", "HEAD_DV",
-                                                 "CAUSAL", "HAS_LENS", "ATOMIC_DQ", "FIXED_CONFIG"],
-                           prune_configs_by={"early_config_prune": _pruner(long_configs, short_configs)},
-                           reset_to_zero=reset_to_zero)
+    union = list({str(c): c for family in table.values() for c in family}.values())
+    return autotune(name, union,
+                    key=["N_Q_BUCKET", "N_K_BUCKET", "BH_BUCKET", "HEAD_D", "HEAD_DV", "CAUSAL", "HAS_LENS",
+                         "ATOMIC_DQ", "FIXED_CONFIG"],
+                    interpret=_INTERPRET_CONFIG, prune=_pruner(table), reset_to_zero=reset_to_zero)
 
 
 def _tail(n: int, block: int) -> int:
@@ -242,7 +283,17 @@ def _fwd_tile(Q, K, V, O, LSE, start_m, kv_len, sqn, sqd, skn, skd, svn, svd, so
         tl.store(LSE + lse_row + offs_m, lse, mask=offs_m < N_Q)
 
 
-@_autotune(_FWD_LONG, _FWD_SHORT)
+@triton.jit
+def _program(N, BLOCK: tl.constexpr, BLOCK_TAIL: tl.constexpr, PAIRS: tl.constexpr):
+    """(tile, first (batch, head) pair) of this program. One grid axis, so that B*H may exceed 65,535; the tiles of
+    one group of pairs are adjacent, so that programs running together share its K/V (or Q/dO) in L2."""
+    n_full = N // BLOCK
+    n_tiles = n_full + tl.cdiv(N - n_full * BLOCK, BLOCK_TAIL)
+    pid = tl.program_id(0)
+    return pid % n_tiles, (pid // n_tiles) * PAIRS
+
+
+@_autotune("attention._fwd_kernel", "fwd")
 @_TAILS
 @triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, LENS,
@@ -252,11 +303,11 @@ def _fwd_kernel(Q, K, V, O, LSE, LENS,
                 CAUSAL: tl.constexpr, HAS_LENS: tl.constexpr, ATOMIC_DQ: tl.constexpr, DOT_PREC: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAIRS: tl.constexpr,
                 BLOCK_M_TAIL: tl.constexpr, BLOCK_N_TAIL: tl.constexpr):
-    pid_m = tl.program_id(0)
+    pid_m, first_bh = _program(N_Q, BLOCK_M, BLOCK_M_TAIL, PAIRS)
     n_full_m = N_Q // BLOCK_M
     son = H * HEAD_DV
     for i in range(PAIRS):
-        bh = tl.program_id(1) * PAIRS + i
+        bh = first_bh + i
         if bh < BH:
             b, h, kv_len, q_base, k_base, v_base = _pair(Q, K, V, LENS, bh, H, N_K, sqb, sqh, skb, skh, svb, svh,
                                                          HAS_LENS)
@@ -318,8 +369,9 @@ def _bwd_kv_block(dk, dv, k, v, Q, DO, LSE, DELTA, DQACC, start_m, offs_n, offs_
     dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PREC)
     if ATOMIC_DQ:
         dq = tl.dot(tl.trans(dst.to(k.dtype)), k, input_precision=DOT_PREC) * scale  # [BLOCK_M, BLOCK_D]
+        # relaxed: the adds only accumulate, nothing is ordered by them (the kernel's end publishes the sums)
         tl.atomic_add(DQACC + offs_m[:, None] * sdqn + offs_d[None, :], dq,
-                      mask=(offs_m[:, None] < N_Q) & (offs_d[None, :] < HEAD_D))
+                      mask=(offs_m[:, None] < N_Q) & (offs_d[None, :] < HEAD_D), sem="relaxed")
     return dk, dv
 
 
@@ -429,9 +481,12 @@ def _bwd_kernel(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, LENS,
                 BLOCK_M_TAIL: tl.constexpr, BLOCK_N_TAIL: tl.constexpr, DQ_PASS: tl.constexpr):
     """One program per key block (DQ_PASS=False): dK and dV, plus dQ by fp32 atomic adds into DQ with ATOMIC_DQ;
     or one program per query block (DQ_PASS=True, deterministic mode): dQ. DK and DV are not touched then."""
-    pid = tl.program_id(0)
+    if DQ_PASS:
+        pid, first_bh = _program(N_Q, BLOCK_M, BLOCK_M_TAIL, PAIRS)
+    else:
+        pid, first_bh = _program(N_K, BLOCK_N, BLOCK_N_TAIL, PAIRS)
     for i in range(PAIRS):
-        bh = tl.program_id(1) * PAIRS + i
+        bh = first_bh + i
         if bh < BH:
             b, h, kv_len, q_base, k_base, v_base = _pair(Q, K, V, LENS, bh, H, N_K, sqb, sqh, skb, skh, svb, svh,
                                                          HAS_LENS)
@@ -468,8 +523,8 @@ def _bwd_kernel(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, LENS,
 
 # The two backward launches run the same kernel, each autotuned over its own tile configurations: the dK/dV pass
 # (which zeroes the atomic dQ accumulator between timing runs) and the deterministic dQ pass.
-_bwd_kv_kernel = _autotune(_BWD_KV_LONG, _BWD_KV_SHORT, reset_to_zero=["DQ"])(_TAILS(_bwd_kernel))
-_bwd_q_kernel = _autotune(_BWD_Q_LONG, _BWD_Q_SHORT)(_TAILS(_bwd_kernel))
+_bwd_kv_kernel = _autotune("attention._bwd_kv_kernel", "bwd_kv", reset_to_zero=["DQ"])(_TAILS(_bwd_kernel))
+_bwd_q_kernel = _autotune("attention._bwd_q_kernel", "bwd_q")(_TAILS(_bwd_kernel))
 
 
 # ------------------------------------------------------------------------------------------------------ launchers
@@ -489,7 +544,7 @@ def _common(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, len
     return dict(
         H=h, N_Q=n_q, N_K=n_k, BH=b * h,
         N_Q_BUCKET=triton.next_power_of_2(n_q), N_K_BUCKET=triton.next_power_of_2(n_k),
-        BH_BUCKET=triton.next_power_of_2(b * h), FIXED_CONFIG=int(deterministic_backward()),
+        BH_BUCKET=triton.next_power_of_2(b * h), FIXED_CONFIG=int(deterministic_backward() or not autotune_enabled()),
         HEAD_D=d, HEAD_DV=dv, BLOCK_D=_block_dim(d), BLOCK_DV=_block_dim(dv),
         CAUSAL=bool(causal), HAS_LENS=lengths is not None,
         # fp32 inputs get true fp32 products (not TF32) to meet the ~1e-5 fp32 tolerance.
@@ -498,7 +553,8 @@ def _common(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, len
 
 
 def _grid(n_tiles_of, n_q_or_k: int, bh: int):
-    return lambda meta: (_num_tiles(n_q_or_k, meta[n_tiles_of]), triton.cdiv(bh, meta["PAIRS"]))
+    """One axis: every tile of every group of PAIRS (batch, head) pairs (see _program)."""
+    return lambda meta: (_num_tiles(n_q_or_k, meta[n_tiles_of]) * triton.cdiv(bh, meta["PAIRS"]),)
 
 
 def attention_forward(q, k, v, causal: bool, scale: float, lengths=None):
@@ -554,9 +610,10 @@ def supports(tensor: torch.Tensor, info: dict) -> Optional[str]:
         return f"the Triton attention kernels take fp16, bf16 or fp32, got {tensor.dtype}"
     if _INTERPRET and tensor.dtype == torch.bfloat16 and tensor.device.type == "cpu":
         return "Triton's CPU interpreter miscomputes tl.dot on bf16 operands; use fp16 or fp32 there"
-    batch_heads = info.get("batch_heads")
-    if batch_heads is not None and batch_heads > 65535:
-        return f"the Triton attention kernels launch B*H on a grid axis limited to 65535, got B*H={batch_heads}"
+    programs = info.get("batch_heads", 1) * triton.cdiv(info.get("seq", 1), 16)
+    if programs >= 2 ** 31:
+        return (f"the Triton attention kernels launch B*H times the query tiles on one grid axis (< 2**31 programs), "
+                f"got B*H={info.get('batch_heads')} and N={info.get('seq')}")
     for name in ("head_dim", "value_dim"):
         dim = info.get(name)
         if dim is not None and not 1 <= dim <= MAX_HEAD_DIM:

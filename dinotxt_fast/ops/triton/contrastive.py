@@ -10,18 +10,18 @@ the "partial" kernels (local rows against all columns; see contrastive_tiles.py 
   log-sum-exps are finished in float64 over the (few) chunks.
 - backward: for a panel of columns, one kernel recomputes every tile once and writes
   dS * inv_i * inv_j / kappa (dS = row_coef (softmax_row - I) + col_coef (softmax_col - I)) in the input dtype, plus
-  one fp32 partial of sum(dS * s) (the logit-scale gradient) per chunk pair; two GEMMs then give d_img += dS @ txt
+  one fp32 partial of sum(dS * s) (the logit-scale gradient) per chunk pair (the chunk pairs cut into parts when
+  there are too few to fill the GPU: planning.ds_parts); two GEMMs then give d_img += dS @ txt
   and g_txt = dS^T @ img for the panel. The panel buffer is bounded (PANEL_BYTES), never B x B; d_img's feature
   dimension (2048 in DINO.txt) is far too wide to accumulate on chip the way FlashAttention keeps dK/dV, which is
   why the backward goes through this bounded buffer rather than one kernel.
 - the normalisation's backward is one row kernel.
 
-Deterministic: no atomics; every reduction has a fixed order. fp16 / bf16 / fp32 inputs (fp32 uses IEEE fp32
-dot products, not TF32). Under TRITON_INTERPRET=1 one small configuration runs on CPU tensors (tests).
+Deterministic: no atomics; every reduction has a fixed order. bf16 / fp32 inputs (fp32 uses IEEE fp32 dot
+products, not TF32). Under TRITON_INTERPRET=1 one small configuration runs on CPU tensors (tests). Compiled for
+sm_90 and run under the CPU interpreter only: none of these kernels has run on a GPU yet.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
@@ -29,18 +29,10 @@ import triton.language as tl
 
 from ..contrastive_tiles import KernelTiles, tiled_dtype_problem, tiled_kernels, unit_norms
 from ..dispatch import add_kernels
-from ..planning import NORM_EPS
+from ..planning import NORM_EPS, ds_parts, fill_target, fold_ds_partials
+from .tuning import RUN_GPU_CONFIGS, autotune
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _NORM_EPS = tl.constexpr(NORM_EPS)  # F.normalize's clamp of the norm
-
-# Row and column chunks are multiples of this (so of every BLOCK_M / BLOCK_N below).
-CHUNK_UNIT = 64 if _INTERPRET else 256
-# About this many (row chunk, column chunk) programs for big problems: enough to fill any GPU several times while
-# keeping the column-statistics scratch ([row chunks, N]) and row partials ([column chunks, M]) small.
-TARGET_PROGRAMS = 1024
-# Bytes of the backward's dS panel buffer [M, panel columns].
-PANEL_BYTES = 64 << 20
 
 
 # ----------------------------------------------------------------------------------------------- configurations
@@ -49,18 +41,44 @@ def _config(block_m, block_n, block_k, warps, stages):
                          num_stages=stages)
 
 
-# Autotuned on the GPU (configurations that do not fit are skipped by the autotuner); one small configuration under
-# the interpreter, where 32 x 32 tiles in chunks of 64 still exercise every masked, multi-tile and multi-chunk path
-# at test shapes (B = 129 = 4 * 32 + 1).
-_TILE_CONFIGS = [_config(128, 128, 64, 8, 3), _config(128, 128, 32, 8, 4), _config(128, 64, 64, 4, 3),
-                 _config(64, 128, 64, 4, 3), _config(64, 64, 64, 4, 3), _config(64, 64, 32, 4, 4)]
-_GEMM_CONFIGS = [_config(128, 128, 64, 8, 3), _config(128, 256, 64, 8, 3), _config(128, 128, 32, 4, 4),
-                 _config(64, 128, 64, 4, 4), _config(128, 64, 64, 4, 4), _config(64, 64, 64, 4, 3)]
-_INTERPRET_CONFIGS = [_config(32, 32, 32, 4, 1)]
+# Candidates per operand width (2: bf16, 4: fp32, whose IEEE products run on the CUDA cores), the fixed (known-good)
+# one first (ops/triton/tuning.py); each compiles for sm_90 at the real shapes (B = 1024 and 32768 columns, E = 2048)
+# within shared memory and without register spills with Triton 3.6 and 3.9 (benchmarks/results/codegen/). The dS
+# tile holds two exponentials per element besides the product: only 64 x 64 tiles per 4 warps fit in registers.
+# Under the interpreter one small configuration: 32 x 32 tiles in chunks of 64 still exercise every masked,
+# multi-tile and multi-chunk path at test shapes (B = 129 = 4 * 32 + 1).
+_FORWARD_CONFIGS = {2: [_config(64, 64, 32, 4, 4), _config(64, 64, 64, 4, 3), _config(128, 64, 64, 4, 3),
+                        _config(64, 128, 64, 4, 3), _config(128, 128, 64, 8, 3)],
+                    4: [_config(64, 64, 32, 4, 4), _config(128, 128, 32, 8, 4)]}
+_DS_CONFIGS = {2: [_config(64, 64, 64, 4, 3), _config(64, 64, 32, 4, 4), _config(64, 64, 64, 8, 3),
+                   _config(128, 64, 64, 8, 3), _config(64, 128, 64, 8, 3)],
+               4: [_config(64, 64, 64, 4, 3), _config(64, 64, 32, 4, 4), _config(64, 64, 64, 8, 3)]}
+_GEMM_CONFIGS = {2: [_config(64, 64, 64, 4, 3), _config(128, 128, 64, 8, 3), _config(128, 256, 64, 8, 3),
+                     _config(128, 128, 32, 4, 4), _config(64, 128, 64, 4, 4), _config(128, 64, 64, 4, 4)],
+                 4: [_config(64, 64, 64, 4, 3), _config(64, 128, 64, 4, 4), _config(128, 64, 64, 4, 4)]}
+_INTERPRET_CONFIG = _config(32, 32, 32, 4, 1)
 
 
-def _configs(gpu_configs):
-    return _INTERPRET_CONFIGS if _INTERPRET else gpu_configs
+def _by_width(table: dict, operand: str):
+    """A pruner keeping the candidates of the call's operand width (the element size of argument `operand`)."""
+    def prune(configs, named_args, **kwargs):
+        return table[{**named_args, **kwargs}[operand].element_size()]
+    return prune
+
+
+def _candidates(table: dict) -> list:
+    return list({str(c): c for configs in table.values() for c in configs}.values())
+
+
+# Row and column chunks are multiples of this (so of every BLOCK_M / BLOCK_N that runs).
+CHUNK_UNIT = 256 if RUN_GPU_CONFIGS else 64
+# dS panel launches cut chunk pairs into parts of whole multiples of this many rows / columns (planning.ds_parts).
+PART_UNIT = CHUNK_UNIT // 2
+# About this many (row chunk, column chunk) programs for big problems: enough to fill any GPU several times while
+# keeping the column-statistics scratch ([row chunks, N]) and row partials ([column chunks, M]) small.
+TARGET_PROGRAMS = 1024
+# Bytes of the backward's dS panel buffer [M, panel columns].
+PANEL_BYTES = 64 << 20
 
 
 # ---------------------------------------------------------------------------------------------------- kernels
@@ -95,7 +113,8 @@ def _row_norms_kernel(x_ptr, inv_ptr, norm_ptr, R, E, stride_x, BLOCK_R: tl.cons
     tl.store(inv_ptr + rows, tl.div_rn(1.0, norm), mask=row_ok)
 
 
-@triton.autotune(configs=_configs(_TILE_CONFIGS), key=["M", "N", "E"])
+@autotune("contrastive._forward_kernel", _candidates(_FORWARD_CONFIGS), key=["M", "N", "E"],
+          interpret=_INTERPRET_CONFIG, prune=_by_width(_FORWARD_CONFIGS, "img_ptr"))
 @triton.jit
 def _forward_kernel(img_ptr, txt_ptr, inv_i_ptr, inv_t_ptr, scale_ptr, row_max_ptr, row_sum_ptr, col_max_ptr,
                     col_sum_ptr, diag_ptr, M, N, E, offset, stride_img, stride_txt, row_chunk, col_chunk,
@@ -151,11 +170,12 @@ def _forward_kernel(img_ptr, txt_ptr, inv_i_ptr, inv_t_ptr, scale_ptr, row_max_p
         tl.store(diag_ptr + rows, d_i, mask=row_ok & (diag_col >= c_begin) & (diag_col < c_end))
 
 
-@triton.autotune(configs=_configs(_TILE_CONFIGS), key=["M", "N", "E"])
+@autotune("contrastive._ds_kernel", _candidates(_DS_CONFIGS), key=["M", "N", "E"], interpret=_INTERPRET_CONFIG,
+          prune=_by_width(_DS_CONFIGS, "img_ptr"))
 @triton.jit
 def _ds_kernel(img_ptr, txt_ptr, inv_i_ptr, inv_t_ptr, scale_ptr, lse_rows_ptr, lse_cols_ptr, row_coef_ptr,
                col_coef_ptr, inv_kappa_ptr, ds_ptr, ds_dot_s_ptr, M, N, E, offset, stride_img, stride_txt, stride_ds,
-               col_begin, col_end, row_chunk, col_chunk, n_col_chunks, INPUT_PRECISION: tl.constexpr,
+               col_begin, col_end, row_chunk, col_chunk, stride_ds_dot_s, INPUT_PRECISION: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -195,10 +215,12 @@ def _ds_kernel(img_ptr, txt_ptr, inv_i_ptr, inv_t_ptr, scale_ptr, lse_rows_ptr, 
             out = ds * (inv_r[:, None] * inv_c[None, :] * inv_kappa)
             tl.store(ds_ptr + rows.to(tl.int64)[:, None] * stride_ds + (cols - col_begin)[None, :],
                      out.to(ds_ptr.dtype.element_ty), mask=ok)
-    tl.store(ds_dot_s_ptr + pid_r * n_col_chunks + col_begin // col_chunk + pid_c, ds_dot_s)
+    tl.store(ds_dot_s_ptr + pid_r * stride_ds_dot_s + pid_c, ds_dot_s)  # the caller points it at this panel
 
 
-@triton.autotune(configs=_configs(_GEMM_CONFIGS), key=["M", "N", "K"], restore_value=["c_ptr"])
+# ACCUMULATE is in the key: a tile tuned on a plain write is not reused for a read-modify-write (another code path).
+@autotune("contrastive._gemm_kernel", _candidates(_GEMM_CONFIGS), key=["M", "N", "K", "ACCUMULATE"],
+          interpret=_INTERPRET_CONFIG, prune=_by_width(_GEMM_CONFIGS, "a_ptr"), restore_value=["c_ptr"])
 @triton.jit
 def _gemm_kernel(a_ptr, b_ptr, c_ptr, alpha_ptr, row_scale_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
                  stride_cm, ACCUMULATE: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -315,11 +337,21 @@ class TritonTiles(KernelTiles):
                  col_begin, col_end, row_chunk, col_chunk, ds, ds_dot_s):
         img, txt = _unit_stride(img), _unit_stride(txt)
         (m, e), n = img.shape, txt.shape[0]
-        grid = (triton.cdiv(m, row_chunk), triton.cdiv(col_end - col_begin, col_chunk))
+        row_chunks, panel_chunks = triton.cdiv(m, row_chunk), triton.cdiv(col_end - col_begin, col_chunk)
+        # Enough programs to fill the GPU: each chunk pair cut into parts, their partial sums folded per chunk after.
+        row_parts, col_parts = ds_parts(row_chunks, panel_chunks, row_chunk, col_chunk, PART_UNIT,
+                                        fill_target(img.device))
+        first, split = col_begin // col_chunk, row_parts * col_parts > 1
+        partials = torch.zeros(row_chunks * row_parts, panel_chunks * col_parts, dtype=torch.float32,
+                               device=img.device) if split else ds_dot_s[:, first:]
+        rows, cols = row_chunk // row_parts, col_chunk // col_parts
+        grid = (triton.cdiv(m, rows), triton.cdiv(col_end - col_begin, cols))
         _ds_kernel[grid](img, txt, inv_i, inv_t, _log_scale(logit_scale), _float64(lse_rows), _float64(lse_cols),
-                         row_coef, col_coef, inv_kappa.to(torch.float32), ds, ds_dot_s, m, n, e, offset,
-                         img.stride(0), txt.stride(0), ds.stride(0), col_begin, col_end, row_chunk, col_chunk,
-                         ds_dot_s.shape[1], INPUT_PRECISION=_precision(img.dtype))
+                         row_coef, col_coef, inv_kappa.to(torch.float32), ds, partials, m, n, e, offset,
+                         img.stride(0), txt.stride(0), ds.stride(0), col_begin, col_end, rows, cols,
+                         partials.stride(0), INPUT_PRECISION=_precision(img.dtype))
+        if split:
+            fold_ds_partials(partials, ds_dot_s, first, row_parts, col_parts)
 
     def gemm(self, a, b, c, alpha, row_scale, accumulate):
         m, k = a.shape

@@ -13,19 +13,22 @@ slide_decode).
   online argmax.
 Bilinear source indices (align_corners=False) are computed exactly in integers:
 src = ((2 dst + 1) in - out) / (2 out), clamped at 0, which is what F.interpolate computes in floating point.
+The decoders' [BLOCK_C, BLOCK_P] gathers are flat loads with the pixels fastest (one pixel per lane, as in the CUDA
+decode; see _gather), and the cosine GEMM stores its tile pixels-fastest too (the output's contiguous axis). The
+window table is made once per geometry on the device (planning.device_window_table).
+
+Compiled for sm_90 and run under the CPU interpreter only: none of these kernels has run on a GPU yet.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from ..dispatch import add_kernels
-from ..planning import MAX_SIDE, NORM_EPS, dense_supports, window_table
+from ..planning import MAX_SIDE, NORM_EPS, dense_supports, device_window_table
+from .tuning import autotune
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Every output and workspace is allocated through this, so that tests can poison them (NaN / -1).
 _empty = torch.empty
 _NORM_EPS = tl.constexpr(NORM_EPS)
@@ -38,22 +41,33 @@ def _check_sides(op: str, **sides: int) -> None:
                              "bilinear index math")
 
 
-def _gemm_configs():
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_C": 32, "BLOCK_K": 32}, num_warps=1)]
-    # at most 32 output elements per thread: larger tiles spill on sm_90 (checked with cuobjdump -res-usage)
-    return [triton.Config({"BLOCK_M": m, "BLOCK_C": c, "BLOCK_K": k}, num_warps=w, num_stages=s)
-            for m, c, k, w, s in ((128, 64, 32, 8, 3), (64, 64, 32, 4, 3), (64, 32, 64, 4, 4), (64, 128, 32, 8, 3))]
+# Candidates, the fixed (known-good) one first (ops/triton/tuning.py): each compiles for sm_90 at the real shapes
+# (28 x 28 and 32 x 32 patch grids, D = 1024, 150 classes, 512 x 683 outputs) within shared memory and without
+# register spills with Triton 3.6 and 3.9 (benchmarks/results/codegen/).
+# GEMM: at most 32 output elements per thread (larger tiles spill on sm_90).
+_GEMM_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_C": c, "BLOCK_K": k}, num_warps=w, num_stages=s)
+                 for m, c, k, w, s in ((64, 64, 32, 4, 3), (128, 64, 32, 8, 3), (64, 32, 64, 4, 4),
+                                       (64, 128, 32, 8, 3))]
+_GEMM_INTERPRET = triton.Config({"BLOCK_M": 64, "BLOCK_C": 32, "BLOCK_K": 32}, num_warps=1)
+# Decoders: [BLOCK_C, BLOCK_P] tiles, one pixel per lane (see _gather). slide_decode holds a tile more (its window
+# accumulator): its list has smaller tiles per thread.
+_DECODE_CONFIGS = [triton.Config({"BLOCK_C": c, "BLOCK_P": p}, num_warps=w)
+                   for c, p, w in ((32, 128, 4), (16, 256, 4), (8, 512, 4), (32, 256, 8))]
+_SLIDE_CONFIGS = [triton.Config({"BLOCK_C": c, "BLOCK_P": p}, num_warps=w)
+                  for c, p, w in ((16, 128, 4), (32, 128, 4), (16, 256, 8), (8, 256, 4))]
+_DECODE_INTERPRET = triton.Config({"BLOCK_C": 64, "BLOCK_P": 512}, num_warps=1)
 
 
-def _decode_configs():
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_C": 64, "BLOCK_P": 512}, num_warps=1)]
-    return [triton.Config({"BLOCK_C": c, "BLOCK_P": p}, num_warps=w)
-            for c, p, w in ((16, 128, 4), (32, 128, 4), (16, 256, 8), (32, 64, 4), (8, 256, 4), (64, 64, 4))]
+@triton.jit
+def _scatter(ptrs, values, mask):
+    """tl.store of a [rows, cols] tile as one flat store, cols fastest (see _gather)."""
+    rows: tl.constexpr = ptrs.shape[0]
+    cols: tl.constexpr = ptrs.shape[1]
+    tl.store(tl.reshape(ptrs, [rows * cols]), tl.reshape(values, [rows * cols]),
+             mask=tl.reshape(tl.broadcast_to(mask, [rows, cols]), [rows * cols]))
 
 
-@triton.autotune(configs=_gemm_configs(), key=["C", "D", "FP32"])
+@autotune("dense._cosine_logits", _GEMM_CONFIGS, key=["C", "D", "FP32"], interpret=_GEMM_INTERPRET)
 @triton.heuristics({"EVEN_K": lambda args: args["D"] % args["BLOCK_K"] == 0})
 @triton.jit
 def _cosine_logits(p_ptr, p_sb, p_sh, p_sw, p_sd, t_ptr, t_sc, t_sd, out_ptr, M, HW, W, C, D,
@@ -93,8 +107,9 @@ def _cosine_logits(p_ptr, p_sb, p_sh, p_sw, p_sd, t_ptr, t_sc, t_sd, out_ptr, M,
     acc = acc * inv_a[:, None] * inv_t[None, :]
     img = rm // HW
     pix = rm % HW
-    dst = out_ptr + img[:, None].to(tl.int64) * C * HW + rc[None, :] * HW + pix[:, None]
-    tl.store(dst, acc, mask=(rm < M)[:, None] & (rc < C)[None, :])
+    # [C, h, w] maps: pixels are the output's contiguous axis, so they go fastest (class-major tile, flat store)
+    dst = out_ptr + img[None, :].to(tl.int64) * C * HW + rc[:, None] * HW + pix[None, :]
+    _scatter(dst, tl.trans(acc), (rc < C)[:, None] & (rm < M)[None, :])
 
 
 def patch_text_logits(patches, text):
@@ -129,16 +144,29 @@ def _pixel_taps(h, w, H, W, BLOCK_P: tl.constexpr):
 
 
 @triton.jit
+def _gather(ptrs, mask):
+    """tl.load of a [BLOCK_C, BLOCK_P] gather (zeros where masked) as one flat load, pixels fastest, reshaped back.
+    Triton cannot order a 2D gather's axes by contiguity, and its coalescing breaks that tie towards the first axis
+    in 3.6 (lanes along classes: every per-pixel value replicated 16x, uncoalesced reads, spills) and towards the
+    last in 3.9; flat, a warp's lanes run along the pixels in both, as one thread per pixel does in the CUDA decode."""
+    rows: tl.constexpr = ptrs.shape[0]
+    cols: tl.constexpr = ptrs.shape[1]
+    flat = tl.load(tl.reshape(ptrs, [rows * cols]), mask=tl.reshape(tl.broadcast_to(mask, [rows, cols]), [rows * cols]),
+                   other=0.0)
+    return tl.reshape(flat, [rows, cols]).to(tl.float32)
+
+
+@triton.jit
 def _bilinear(ptrs, y0, y1, wy, x0, x1, wx, s_h, s_w, mask):
     """[BLOCK_C, BLOCK_P] bilinear values: `ptrs` [BLOCK_C, 1] point at each class's map, taps are [BLOCK_P]."""
     r0 = (y0 * s_h)[None, :]
     r1 = (y1 * s_h)[None, :]
     q0 = (x0 * s_w)[None, :]
     q1 = (x1 * s_w)[None, :]
-    v00 = tl.load(ptrs + (r0 + q0), mask=mask, other=0.0).to(tl.float32)
-    v10 = tl.load(ptrs + (r1 + q0), mask=mask, other=0.0).to(tl.float32)
-    v01 = tl.load(ptrs + (r0 + q1), mask=mask, other=0.0).to(tl.float32)
-    v11 = tl.load(ptrs + (r1 + q1), mask=mask, other=0.0).to(tl.float32)
+    v00 = _gather(ptrs + (r0 + q0), mask)
+    v10 = _gather(ptrs + (r1 + q0), mask)
+    v01 = _gather(ptrs + (r0 + q1), mask)
+    v11 = _gather(ptrs + (r1 + q1), mask)
     wy = wy[None, :]
     wx = wx[None, :]
     # rows first, then columns, as the reference does (rounding may differ from F.interpolate in the last bit)
@@ -178,7 +206,7 @@ def _argmax_update(v, classes, best, label):
 
 
 # Keyed on the class count only: every image size would otherwise re-run the autotuner (~1 s) on a ms kernel.
-@triton.autotune(configs=_decode_configs(), key=["C", "SOFTMAX"])
+@autotune("dense._upsample_argmax", _DECODE_CONFIGS, key=["C", "SOFTMAX"], interpret=_DECODE_INTERPRET)
 @triton.jit
 def _upsample_argmax(x_ptr, s_b, s_c, s_h, s_w, labels_ptr, scores_ptr, C, h, w, H, W,
                      SOFTMAX: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
@@ -210,7 +238,7 @@ def upsample_argmax(logits, size, softmax: bool):
     return labels, scores
 
 
-@triton.autotune(configs=_decode_configs(), key=["C"])
+@autotune("dense._window_lse", _DECODE_CONFIGS, key=["C"], interpret=_DECODE_INTERPRET)
 @triton.jit
 def _window_lse(x_ptr, s_n, s_c, s_h, s_w, table_ptr, lse_ptr, C, h, w, max_area,
                 BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
@@ -258,7 +286,7 @@ def _window_value(base, classes, c_ok, s_c, s_h, s_w, h, w, lse_ptr, off, bh, bw
     return tl.where(mask, v * coef[None, :], 0.0)
 
 
-@triton.autotune(configs=_decode_configs(), key=["C", "SOFTMAX"])
+@autotune("dense._slide_decode", _SLIDE_CONFIGS, key=["C", "SOFTMAX"], interpret=_DECODE_INTERPRET)
 @triton.jit
 def _slide_decode(x_ptr, s_n, s_c, s_h, s_w, table_ptr, n_windows, lse_ptr, labels_ptr, scores_ptr,
                   C, h, w, Hc, Wc, H, W, SOFTMAX: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
@@ -313,8 +341,7 @@ def slide_decode(window_logits, boxes, canvas_size, size, softmax: bool):
     out_h, out_w = size
     _check_sides("slide_decode", canvas_height=canvas_size[0], canvas_width=canvas_size[1], height=out_h, width=out_w)
     device = window_logits.device
-    table, total_area, max_area = window_table(boxes, canvas_size, size)
-    table = torch.tensor(table, dtype=torch.int32, device=device)
+    table, total_area, max_area = device_window_table(boxes, canvas_size, size, device)
     strides = window_logits.stride()
     lse = _empty(total_area if softmax else 1, dtype=torch.float32, device=device)
     if softmax:

@@ -11,10 +11,10 @@ Backward: `_pool_finalize` in gradient mode turns grad_out into the gradient of 
 (only then does it need the pooled vector, recomputed with `_pool_partial`), with the patch half already divided
 by P; `_pool_backward` writes every token's gradient in one pass (registers get exactly zero) plus per-program
 partial sums of d_ln_weight / d_ln_bias, which `_column_sum` adds in a fixed order.
+
+Compiled for sm_90 and run under the CPU interpreter only: none of these kernels has run on a GPU yet.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
@@ -22,8 +22,8 @@ import triton.language as tl
 
 from ..dispatch import add_kernels
 from ..planning import NORM_EPS, pooling_supports, row_splits
+from .tuning import autotune
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _NORM_EPS = tl.constexpr(NORM_EPS)
 # Every output and workspace is allocated through this, so that tests can poison them (NaN / -1).
 _empty = torch.empty
@@ -33,10 +33,14 @@ MAX_DIM = 4096  # one row of D (padded to a power of two) lives in registers
 _FWD_PER_THREAD, _BWD_PER_THREAD = 32, 16
 
 
-def _configs(block_ns):
-    if _INTERPRET:  # one config: autotuning under the interpreter is pointless and slow
-        return [triton.Config({"BLOCK_N": 16}, num_warps=1)]
-    return [triton.Config({"BLOCK_N": n}, num_warps=w) for n in block_ns for w in (4, 8, 16)]
+def _configs(block_ns, warps):
+    """Candidates in order of preference (the first the pruner keeps for a D is the fixed one, ops/triton/tuning.py);
+    each kept one compiles for sm_90 at D = 1024 without spills with Triton 3.6 and 3.9
+    (benchmarks/results/codegen/)."""
+    return [triton.Config({"BLOCK_N": n}, num_warps=w) for n in block_ns for w in warps]
+
+
+_INTERPRET_CONFIG = triton.Config({"BLOCK_N": 16}, num_warps=1)  # autotuning under the interpreter is pointless
 
 
 def _prune(per_thread):
@@ -58,8 +62,10 @@ def _layer_norm_tile(x, mask, D, eps):
     return xc * rstd[:, None], rstd
 
 
-@triton.autotune(configs=_configs((2, 4, 8, 16)), key=["D", "rows_per_split", "HAS_LN"],
-                 prune_configs_by={"early_config_prune": _prune(_FWD_PER_THREAD)})
+# Keyed on the image's patch rows, not on the rows per split: those change with the batch (planning.row_splits), and a
+# tail batch would re-run the autotuner.
+@autotune("pooling._pool_partial", _configs((4, 2, 8, 16), (4, 8, 16)), key=["D", "n_rows", "HAS_LN"],
+          interpret=_INTERPRET_CONFIG, prune=_prune(_FWD_PER_THREAD))
 @triton.jit
 def _pool_partial(x_ptr, stride_b, stride_n, stride_d, part_ptr, first_row, n_rows, rows_per_split, D, eps,
                   HAS_LN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -130,8 +136,9 @@ def _pool_finalize(x_ptr, stride_b, stride_d, part_ptr, n_splits, w_ptr, bias_pt
         tl.store(row + D + cols, patch.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-@triton.autotune(configs=_configs((2, 4, 8)), key=["D", "rows_per_split", "HAS_LN"],
-                 prune_configs_by={"early_config_prune": _prune(_BWD_PER_THREAD)})
+# No 16-warp candidates: 16 warps leave 128 registers a thread, and the backward's seven live tiles spill there.
+@autotune("pooling._pool_backward", _configs((4, 2, 8), (4, 8)), key=["D", "n_tokens", "HAS_LN"],
+          interpret=_INTERPRET_CONFIG, prune=_prune(_BWD_PER_THREAD))
 @triton.jit
 def _pool_backward(x_ptr, stride_b, stride_n, stride_d, g_ptr, w_ptr, dx_ptr, part_ptr, n_tokens, num_registers,
                    rows_per_split, D, eps, HAS_LN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
