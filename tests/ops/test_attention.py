@@ -436,6 +436,31 @@ def test_batch_heads_are_not_bounded_by_a_grid_axis(triton_attention):
 
 
 @needs_triton
+def test_backward_pre_pass_puts_batch_heads_on_grid_axis_0(triton_attention, monkeypatch):
+    """The delta pre-pass launches B*H programs on axis 0 (2**31 - 1), the row blocks on axis 1 (65,535 at most):
+    B*H = 70,000 would not launch on axis 1. The launch is recorded, not run."""
+    ta = triton_attention
+    grids = []
+
+    class Stop(Exception):
+        pass
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                grids.append(grid)
+                raise Stop
+            return launch
+
+    monkeypatch.setattr(ta, "_delta_kernel", Recorder())
+    q = torch.zeros(1, 5, 70000, 16, dtype=torch.float16)
+    lse = torch.zeros(1, 70000, 5)
+    with pytest.raises(Stop):
+        ta.attention_backward(q, q, q, q, q, lse, False, 0.25)
+    assert grids == [(70000, 1)]
+
+
+@needs_triton
 def test_unsupported_calls_fail_clearly():
     x = torch.randn(1, 3, 1, 16)
     with pytest.raises(ValueError, match="fp16, bf16 or fp32"):

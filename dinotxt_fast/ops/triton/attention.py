@@ -327,11 +327,12 @@ def _fwd_kernel(Q, K, V, O, LSE, LENS,
 @triton.jit
 def _delta_kernel(O, DO, DELTA, sob, son, soh, sod, sdb, sdn, sdh, sdd, H, N_Q,
                   HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK: tl.constexpr):
-    """delta[b, h, n] = sum_d dO * O (fp32): rowsum(P * dP) of the backward."""
-    bh = tl.program_id(1)
+    """delta[b, h, n] = sum_d dO * O (fp32): rowsum(P * dP) of the backward. B*H on grid axis 0 (axis 1 stops at
+    65,535: a text batch of 3,277 x 20 heads would not launch)."""
+    bh = tl.program_id(0)
     b = bh // H
     h = bh % H
-    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    rows = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     offs_dv = tl.arange(0, BLOCK_DV)
     mask = (rows[:, None] < N_Q) & (offs_dv[None, :] < HEAD_DV)
     o = tl.load(O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + rows[:, None] * son + offs_dv[None, :] * sod,
@@ -582,7 +583,7 @@ def attention_backward(grad_o, q, k, v, o, lse, causal: bool, scale: float, leng
     lse = lse.contiguous()
     delta = _empty(b, h, n_q, dtype=torch.float32, device=q.device)
     block = 64 if dv_dim <= 64 else 32
-    _delta_kernel[(triton.cdiv(n_q, block), b * h)](o, grad_o, delta, *o.stride(), *grad_o.stride(), h, n_q,
+    _delta_kernel[(b * h, triton.cdiv(n_q, block))](o, grad_o, delta, *o.stride(), *grad_o.stride(), h, n_q,
                                                     HEAD_DV=dv_dim, BLOCK_DV=_block_dim(dv_dim), BLOCK=block)
     dk = _empty(b, n_k, h, d, dtype=k.dtype, device=q.device)
     dv = _empty(b, n_k, h, dv_dim, dtype=v.dtype, device=q.device)

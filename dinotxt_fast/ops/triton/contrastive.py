@@ -47,8 +47,9 @@ def _config(block_m, block_n, block_k, warps, stages):
 # tile holds two exponentials per element besides the product: only 64 x 64 tiles per 4 warps fit in registers.
 # Under the interpreter one small configuration: 32 x 32 tiles in chunks of 64 still exercise every masked,
 # multi-tile and multi-chunk path at test shapes (B = 129 = 4 * 32 + 1).
-_FORWARD_CONFIGS = {2: [_config(64, 64, 32, 4, 4), _config(64, 64, 64, 4, 3), _config(128, 64, 64, 4, 3),
-                        _config(64, 128, 64, 4, 3), _config(128, 128, 64, 8, 3)],
+# (64, 128, 64, 4, 3) and (128, 128, 64, 8, 3) are clean with Triton 3.6 but spill with 3.9 (28-44 spill stores at
+# 255 registers): left out, so that every kept 16-bit candidate is clean with both.
+_FORWARD_CONFIGS = {2: [_config(64, 64, 32, 4, 4), _config(64, 64, 64, 4, 3), _config(128, 64, 64, 4, 3)],
                     4: [_config(64, 64, 32, 4, 4), _config(128, 128, 32, 8, 4)]}
 _DS_CONFIGS = {2: [_config(64, 64, 64, 4, 3), _config(64, 64, 32, 4, 4), _config(64, 64, 64, 8, 3),
                    _config(128, 64, 64, 8, 3), _config(64, 128, 64, 8, 3)],
