@@ -23,7 +23,7 @@ from .metrics import ConfusionMatrix, retrieval_recall, segmentation_scores, top
 from .report import markdown, summary, write_json, write_report
 from .retrieval import evaluate_retrieval
 from .runtime import describe_model
-from .segmentation import dense_class_embeddings, evaluate_segmentation, model_predictor
+from .segmentation import evaluate_segmentation, model_predictor
 from .segmentation_data import SEGMENTATION_DATASETS, SegmentationDataset, segmentation_dataset
 from .zeroshot import default_preprocessing, evaluate_zeroshot
 
@@ -48,7 +48,7 @@ __all__ = [
     "SegmentationDataset", "ClassificationDataset", "RetrievalDataset", "DatasetError",
     "SEGMENTATION_DATASETS", "ZEROSHOT_DATASETS", "RETRIEVAL_DATASETS",
     "ConfusionMatrix", "segmentation_scores", "topk_hits", "retrieval_recall",
-    "dense_class_embeddings", "model_predictor", "default_preprocessing", "describe_model",
+    "model_predictor", "default_preprocessing", "describe_model",
     "write_report", "write_json", "markdown", "summary",
     "segmentation_class_names", "imagenet_classes", "imagenet_subset_wnids",
 ]

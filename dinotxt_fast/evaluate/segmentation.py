@@ -27,35 +27,15 @@ from .segmentation_data import SegmentationDataset, image_input
 Predictor = Callable[[list], list]  # images (ImageNet-normalised [3, H, W] on the device) -> label maps [H, W]
 
 
-class _PatchAlignedText(nn.Module):
-    """The model seen through the half of its text embedding that patch tokens are compared with, so that
-    `build_text_classifier` averages the normalised halves (the official recipe) instead of halving the average."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model, self.config = model, model.config
-
-    def encode_text(self, ids: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        return self.model.encode_text(ids)[:, self.config.vision_dim:]
-
-
-def dense_class_embeddings(model: nn.Module, class_names: Sequence[str], templates=None) -> torch.Tensor:
-    """[C, vision_dim] float32 class vectors for patch-text cosines (module docstring), on the model's device."""
-    from ..inference.zeroshot import build_text_classifier
-
-    return build_text_classifier(_PatchAlignedText(model), class_names, templates)
-
-
 def model_predictor(model: nn.Module, class_names: Sequence[str], *, mode: str = "slide", short_side=512,
                     window: int = 384, stride: int = 192, features: str = "head", templates=None,
                     batch_size: int = 16, background_threshold: Optional[float] = None,
                     backend: Optional[str] = None) -> Predictor:
-    """A Predictor running `inference.segment` with the class vectors of `dense_class_embeddings`."""
-    from ..inference.segmentation import segment
+    """A Predictor running `inference.segment` with the class vectors of `inference.dense_text_embeddings`, made
+    once for the whole dataset."""
+    from ..inference.segmentation import dense_text_embeddings, segment
 
-    dense = dense_class_embeddings(model, class_names, templates)
-    # segment() takes full-width text embeddings and compares patches with their second half, re-normalised.
-    text = torch.cat([torch.zeros_like(dense), dense], dim=1)
+    text = dense_text_embeddings(model, class_names, templates)
 
     def predict(images: list) -> list:
         labels, scores = segment(model, images, text, mode=mode, short_side=short_side, window=window,
@@ -137,4 +117,4 @@ def evaluate_segmentation(model: Optional[nn.Module], dataset: SegmentationDatas
     }
 
 
-__all__ = ["evaluate_segmentation", "dense_class_embeddings", "model_predictor", "Predictor"]
+__all__ = ["evaluate_segmentation", "model_predictor", "Predictor"]

@@ -9,8 +9,9 @@ inference of `EncoderDecoder.slide_inference`; docs/design.md, "Dense use"):
    of a row/column is moved back to end at the border; a canvas smaller than the window is one crop);
 3. stretch each crop bicubically to the next multiple of the patch size (384 -> 392 at patch 14), encode it and
    take its patch tokens (the vision head's by default, the raw backbone's with features="backbone");
-4. cosine of every L2-normalised patch with the L2-normalised second half of each class's text embedding
-   (the half aligned with patch tokens) -> window logits [C, h, w];
+4. cosine of every L2-normalised patch with each class's vector: the second half of each prompt's text embedding
+   (the half aligned with patch tokens), L2-normalised, averaged over the templates, normalised -> window logits
+   [C, h, w];
 5. upsample each window's logits bilinearly (align_corners=False) to the window's own box size, softmax over
    classes, sum over windows and divide by the per-pixel window count, resize bilinearly to the input image's
    own size, argmax.
@@ -96,23 +97,36 @@ def _check_images(images: ImagesArg) -> tuple[list[torch.Tensor], bool]:
     return items, batched
 
 
+class _PatchAlignedText(nn.Module):
+    """The model seen through the half of its text embedding that patch tokens are compared with, so that
+    `build_text_classifier` averages each prompt's normalised half (the official notebook's recipe) rather than
+    halving the average of the full embeddings."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model, self.config = model, model.config
+        self.train(model.training)  # inference_mode() restores the wrapper's flag, hence the model's, to what it was
+
+    def encode_text(self, ids: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        return self.model.encode_text(ids)[:, self.config.vision_dim:]
+
+
 def dense_text_embeddings(model: nn.Module, classes: ClassesArg, templates=None) -> torch.Tensor:
-    """The per-class text vectors patch tokens are compared with: the second half of the full text embedding
-    (dims vision_dim:), L2-normalised on its own -> [C, vision_dim] (float32; float64 for a float64 tensor)."""
+    """The per-class vectors patch tokens are compared with -> [C, vision_dim], rows L2-normalised (float32; float64
+    for a float64 tensor). From class names: per prompt the second half of its text embedding (dims vision_dim:),
+    L2-normalised, averaged over the templates and normalised again (the official recipe). From a tensor: [C,
+    vision_dim] class vectors as they are, or [C, embed_dim] full text embeddings, whose second half is taken."""
     cfg = model.config
-    if isinstance(classes, torch.Tensor):
-        if classes.dim() != 2 or classes.shape[0] < 1 or classes.shape[1] != cfg.embed_dim:
-            raise ValueError(f"a class tensor must be [C >= 1, embed_dim={cfg.embed_dim}] of full text embeddings, "
-                             f"got shape {tuple(classes.shape)}")
-        if not classes.is_floating_point():
-            raise TypeError(f"the class tensor must be floating point, got {classes.dtype}")
-        text = classes.to(model_device(model))
-        text = text if text.dtype == torch.float64 else text.float()
-    else:
-        text = build_text_classifier(model, check_class_names(classes), templates)
-    if text.shape[-1] != 2 * cfg.vision_dim:
-        raise ValueError(f"text embeddings have width {text.shape[-1]}, expected 2 * vision_dim = {2 * cfg.vision_dim}")
-    return F.normalize(text[:, cfg.vision_dim:], dim=-1)
+    if not isinstance(classes, torch.Tensor):
+        return build_text_classifier(_PatchAlignedText(model), check_class_names(classes), templates)
+    if classes.dim() != 2 or classes.shape[0] < 1 or classes.shape[1] not in (cfg.embed_dim, cfg.vision_dim):
+        raise ValueError(f"a class tensor must be [C >= 1, embed_dim={cfg.embed_dim}] full text embeddings or [C, "
+                         f"vision_dim={cfg.vision_dim}] patch-aligned halves, got shape {tuple(classes.shape)}")
+    if not classes.is_floating_point():
+        raise TypeError(f"the class tensor must be floating point, got {classes.dtype}")
+    text = classes.to(model_device(model))
+    text = text if text.dtype == torch.float64 else text.float()
+    return F.normalize(text[:, -cfg.vision_dim:], dim=-1)
 
 
 def _resize(x: torch.Tensor, size: tuple[int, int], antialias: bool) -> torch.Tensor:
@@ -134,7 +148,8 @@ def segment(model: nn.Module, images: ImagesArg, classes: ClassesArg, mode: str 
     """Per-pixel class labels for ImageNet-normalised images (see the module docstring for the protocol).
 
     images: [B, 3, H, W] float, or a list of [3, H, W] of different sizes. classes: class names (prompts are
-    template-averaged, `templates` as in ZeroShotClassifier) or a [C, embed_dim] tensor of full text embeddings.
+    template-averaged, `templates` as in ZeroShotClassifier), a [C, embed_dim] tensor of full text embeddings or a
+    [C, vision_dim] tensor of patch-aligned class vectors (dense_text_embeddings).
     Returns labels [B, H, W] int64 (a list of [H, W] for a list input) at each input's own size, on the input's
     device; with return_scores, (labels, scores) where a score is the winning class's averaged softmax
     probability ("slide") or its cosine similarity ("whole"). Windows are encoded `batch_size` at a time.

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from dinotxt_fast.evaluate import (
-    SEGMENTATION_DATASETS, dense_class_embeddings, evaluate_segmentation, segmentation_dataset, write_report,
+    SEGMENTATION_DATASETS, evaluate_segmentation, segmentation_dataset, write_report,
 )
 from dinotxt_fast.evaluate.segmentation_data import image_input
-from dinotxt_fast.inference import IMAGENET_TEMPLATES, mean_iou, segment
+from dinotxt_fast.inference import IMAGENET_TEMPLATES, dense_text_embeddings, mean_iou, segment
 from dinotxt_fast.models.tokenizer import tokenize
 from tests.inference.tiny_model import make_tiny
 
@@ -97,9 +97,9 @@ def official_dense_embeddings(model, names, templates):
     return torch.stack(rows)
 
 
-def test_dense_class_embeddings_follow_the_official_recipe(tiny):
+def test_dense_text_embeddings_follow_the_official_recipe(tiny):
     names = ["wall", "sky", "person"]
-    got = dense_class_embeddings(tiny, names, IMAGENET_TEMPLATES[:5])
+    got = dense_text_embeddings(tiny, names, IMAGENET_TEMPLATES[:5])
     want = official_dense_embeddings(tiny, names, IMAGENET_TEMPLATES[:5])
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 
@@ -111,8 +111,7 @@ def test_tiny_model_matches_a_loop_over_segment(tmp_path, tiny, mode, features):
     knobs = dict(mode=mode, short_side=42, window=28, stride=14, features=features)
     result = evaluate_segmentation(tiny, ds, templates="none", batch_size=2, num_workers=0, progress=False,
                                    **knobs)
-    dense = official_dense_embeddings(tiny, ds.class_names, ["{}"])
-    text = torch.cat([torch.zeros_like(dense), dense], dim=1)
+    text = official_dense_embeddings(tiny, ds.class_names, ["{}"])  # [C, vision_dim] class vectors
     preds, targets = [], []
     for i in range(len(ds)):
         item = ds[i]

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dinotxt_fast.inference import build_text_classifier, mean_iou, segment, short_side_size, sliding_window_boxes
+from dinotxt_fast.inference import dense_text_embeddings, mean_iou, segment, short_side_size, sliding_window_boxes
 
 
 def test_sliding_window_boxes_mmseg_grid():
@@ -90,6 +90,25 @@ def test_segment_matches_float64_reference(tiny64, mode, features, shape, short_
     torch.testing.assert_close(scores[0], top2[0], atol=1e-9, rtol=1e-9)
 
 
+def test_class_names_full_embeddings_and_class_vectors_segment_alike(tiny):
+    """Class names give the recipe's vectors (each prompt's patch-aligned half normalised, averaged, normalised); a
+    [C, vision_dim] tensor of them, or full [C, embed_dim] embeddings with those halves, give the same labels."""
+    from dinotxt_fast.inference import SIMPLE_TEMPLATES
+
+    names = ["red", "green", "blue"]
+    vectors = dense_text_embeddings(tiny, names, SIMPLE_TEMPLATES[:3])
+    assert vectors.shape == (3, tiny.config.vision_dim)
+    torch.testing.assert_close(vectors.norm(dim=-1), torch.ones(3))
+    full = torch.cat([torch.randn_like(vectors), 2.5 * vectors], dim=1)  # only the second half counts
+    image = torch.randn(1, 3, 42, 56)
+    knobs = dict(short_side=None, window=28, stride=14, return_scores=True)
+    by_name = segment(tiny, image, names, templates=SIMPLE_TEMPLATES[:3], **knobs)
+    for classes in (vectors, full):
+        labels, scores = segment(tiny, image, classes, **knobs)
+        assert torch.equal(labels, by_name[0])
+        torch.testing.assert_close(scores, by_name[1])
+
+
 def test_head_and_backbone_features_differ(tiny):
     image = torch.randn(1, 3, 42, 56)
     text = torch.randn(6, 128)
@@ -120,8 +139,13 @@ def test_segment_batch_list_and_modes(tiny):
 def test_segment_class_names_equal_their_embeddings(tiny):
     image = torch.randn(1, 3, 40, 52)
     names = ["a dog", "a cat", "grass"]
+    was_training = tiny.training
+    tiny.train()  # segment() and the class vectors run the model in eval mode and leave its flag as it was
     by_name = segment(tiny, image, names, templates="simple", short_side=None, window=28, stride=14)
-    text = build_text_classifier(tiny, names, "simple")
+    assert tiny.training
+    text = dense_text_embeddings(tiny, names, "simple")
+    assert tiny.training
+    tiny.train(was_training)
     assert torch.equal(by_name, segment(tiny, image, text, short_side=None, window=28, stride=14))
 
 
@@ -149,8 +173,8 @@ def test_segment_bad_inputs(tiny):
         segment(tiny, [], ["a"])
     with pytest.raises(ValueError, match="class_names is empty"):
         segment(tiny, img, [])
-    with pytest.raises(ValueError, match=r"embed_dim=128"):
-        segment(tiny, img, torch.randn(3, 64))
+    with pytest.raises(ValueError, match=r"embed_dim=128\] full text embeddings or \[C, vision_dim=64\]"):
+        segment(tiny, img, torch.randn(3, 48))
     with pytest.raises(ValueError, match="mode"):
         segment(tiny, img, ["a"], mode="tiles")
     with pytest.raises(ValueError, match="features"):
