@@ -105,9 +105,15 @@ def _is_gpu(record: dict) -> bool:
     return bool(record.get("environment", {}).get("gpu"))
 
 
+# Benchmarks whose CPU runs are measurements at real shapes (the torch backend against naive PyTorch), not smoke checks.
+CPU_MEASURED = {"reference"}
+
+
 def _heading(record: dict) -> str:
-    """The benchmark and machine; CPU runs are marked as the smoke checks they are (tiny shapes, interpreter)."""
-    smoke = "" if _is_gpu(record) else " (CPU smoke check: tiny shapes, not a performance figure)"
+    """The benchmark and machine; CPU runs of the GPU benchmarks are marked as the smoke checks they are (tiny
+    shapes, interpreter)."""
+    smoke = ("" if _is_gpu(record) or record["benchmark"] in CPU_MEASURED
+             else " (CPU smoke check: tiny shapes, not a performance figure)")
     return f"{record['benchmark']}: {_machine(record)}{smoke}"
 
 

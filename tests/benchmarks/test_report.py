@@ -153,3 +153,11 @@ def test_corrupt_dispatch_table_is_a_clear_error(tmp_path, monkeypatch):
             dispatch._measured_entries()
     finally:
         dispatch._measured_entries.cache_clear()
+
+
+def test_cpu_runs_are_smoke_checks_except_the_cpu_measured_benchmark():
+    """A CPU run of a GPU benchmark is labelled a smoke check; the reference benchmark (the torch backend against
+    naive PyTorch at real shapes) is a CPU measurement and is not."""
+    assert "CPU smoke check" in report._heading(_record(gpu=None, benchmark="dense"))
+    assert "CPU smoke check" not in report._heading(_record(gpu=None, benchmark="reference"))
+    assert "CPU smoke check" not in report._heading(_record())
