@@ -63,7 +63,7 @@ class Case:
     ours: Callable
     naive_expression: str
     min_speedup: float = 1.0
-    min_memory_ratio: float = 1.0
+    min_memory_ratio: Optional[float] = 1.0  # None: no memory target (allocations far below RSS's resolution)
     shape: dict = field(default_factory=dict)
     compare: str = "values"  # "labels": (labels, scores) pixel agreement; "values": max relative difference
 
@@ -231,12 +231,13 @@ def _ours_attention(state):
 
 
 # --- patch pooling
-def _pool_inputs(batch, grad):
+def _pool_inputs(batch, grad, tokens=261, dim=1024, registers=4):
     def make(gen, device):
-        return {"tokens": _randn(gen, device, batch, 261, 1024, grad=grad),
-                "weight": (1 + _randn(gen, device, 1024, scale=0.1)).requires_grad_(grad),
-                "bias": _randn(gen, device, 1024, scale=0.1, grad=grad),
-                "grad_out": _randn(gen, device, batch, 2048) if grad else None, "grad": grad}
+        return {"tokens": _randn(gen, device, batch, tokens, dim, grad=grad),
+                "weight": (1 + _randn(gen, device, dim, scale=0.1)).requires_grad_(grad),
+                "bias": _randn(gen, device, dim, scale=0.1, grad=grad),
+                "grad_out": _randn(gen, device, batch, 2 * dim) if grad else None, "grad": grad,
+                "registers": registers}
     return make
 
 
@@ -252,14 +253,14 @@ def _pool_call(state, pool):
 def _naive_pool(state):
     from benchmarks.pooling import eager_pool
 
-    return _pool_call(state, lambda tokens, weight, bias: eager_pool(tokens, 4, weight, bias, False))
+    return _pool_call(state, lambda tokens, weight, bias: eager_pool(tokens, state["registers"], weight, bias, False))
 
 
 def _ours_pool(state):
     from dinotxt_fast import ops
 
     return _pool_call(state, lambda tokens, weight, bias: ops.patch_pool(
-        tokens, num_registers=4, ln_weight=weight, ln_bias=bias, backend="torch"))
+        tokens, num_registers=state["registers"], ln_weight=weight, ln_bias=bias, backend="torch"))
 
 
 def _upsample_case(softmax: bool) -> Case:
@@ -315,6 +316,23 @@ CASES: tuple[Case, ...] = (
          _ours_pool, "F.layer_norm, cat(x[:, 0], x[:, 5:].mean(1)), autograd", shape={"tokens": [32, 261, 1024]}),
     Case("patch_pool +LN fwd 64x261x1024", "patch_pool", _seeded(_pool_inputs(64, grad=False)), _naive_pool,
          _ours_pool, "the same under no_grad", shape={"tokens": [64, 261, 1024]}),
+    # The embedded main job's shapes (`dinotxt-fast train` defaults: the tiny config, batch 64, embed dim 128,
+    # vision 64 + 1 tokens of width 64 in 4 heads, text 32 tokens): per-op overhead, not arithmetic, is the cost
+    # here, and the torch backend must still not be slower than the naive expression. Their allocations (tens of
+    # KiB) are below what RSS resolves, so they carry no memory target.
+    Case("contrastive_loss fwd+bwd B=64 E=128 (main job)", "contrastive_loss", _seeded(_contrastive_inputs(64, 128)),
+         _naive_contrastive, _ours_contrastive, "as above", 1.0, None, {"batch": 64, "dim": 128}),
+    Case("patch_pool +LN fwd+bwd 64x65x64 (main job)", "patch_pool",
+         _seeded(_pool_inputs(64, grad=True, tokens=65, dim=64, registers=0)), _naive_pool, _ours_pool,
+         "F.layer_norm, cat(x[:, 0], x[:, 1:].mean(1)), autograd", 1.0, None, {"tokens": [64, 65, 64], "registers": 0}),
+    Case("attention fwd+bwd vision 64x65x4x16 (main job)", "attention",
+         _seeded(_attention_inputs(64, 65, 4, 16, grad=True)), _naive_attention, _ours_attention,
+         "softmax(q k^T / sqrt(d)) v with autograd (SDPA's math path)", 1.0, None,
+         {"batch": 64, "tokens": 65, "heads": 4, "head_dim": 16, "grad": True}),
+    Case("attention fwd+bwd text causal 64x32x4x16 lengths (main job)", "attention",
+         _seeded(_attention_inputs(64, 32, 4, 16, grad=True, causal=True, lengths=True)), _naive_attention,
+         _ours_attention, "the same with the causal and key-length masks as -inf", 1.0, None,
+         {"batch": 64, "tokens": 32, "heads": 4, "head_dim": 16, "causal": True, "lengths": True}),
 )
 BY_NAME = {case.name: case for case in CASES}
 
@@ -512,8 +530,8 @@ def add_targets(rows: list[dict]) -> None:
             continue
         row["target"] = {"min_speedup_vs_naive": case.min_speedup, "min_memory_ratio_vs_naive": case.min_memory_ratio}
         memory = row.get("memory_ratio_vs_naive")
-        row["target_met"] = bool(row["speedup_vs_naive"] >= case.min_speedup and memory is not None
-                                 and memory >= case.min_memory_ratio)
+        memory_met = case.min_memory_ratio is None or (memory is not None and memory >= case.min_memory_ratio)
+        row["target_met"] = bool(row["speedup_vs_naive"] >= case.min_speedup and memory_met)
 
 
 def settings(run: Run, case_list: list[Case]) -> dict:
@@ -527,7 +545,9 @@ NOTES = {
     "targets": "issue #19 (this CPU, ratios of one run): upsample_argmax and slide_decode at the ADE20K shapes >= 2x "
                "faster than naive and <= 1/5 of its peak memory; segment (slide, 150 classes, 512x683, tiny model) "
                ">= 1.5x and <= 1/3; contrastive_loss fwd+bwd B=8192 E=512 fp32 <= 1/20 of the naive memory and "
-               "<= 2x its time; every other case: not slower and not heavier than naive (row field target_met)",
+               "<= 2x its time; the embedded main job's shapes (cases '(main job)'): not slower than naive, no memory target "
+               "(their allocations are below RSS's resolution); every other case: not slower and not heavier than "
+               "naive (row field target_met)",
     "isolation": "each row is one fresh subprocess: inputs built, one warm-up call (its output is compared), one "
                  "call measured for memory, --reps calls timed",
     "peak_memory_mib": "CPU: peak RSS of the measured call over the RSS before it (VmHWM reset through "

@@ -107,7 +107,7 @@ def unit_norms(x: torch.Tensor, dtype: torch.dtype = torch.float32):
     return ones, ones
 
 
-def _check_partial(img, txt, diag_offset: int) -> None:
+def check_partial(img, txt, diag_offset: int) -> None:
     if not 0 <= diag_offset <= txt.shape[0] - img.shape[0]:
         raise ValueError(f"contrastive partial kernels: diag_offset {diag_offset} must place the positives of the "
                          f"{img.shape[0]} rows inside the {txt.shape[0]} columns")
@@ -128,7 +128,7 @@ def split_lse(lse, dtype: torch.dtype):
 
 def tiled_partial_forward(tiles: ContrastiveTiles, img, txt, logit_scale, normalize: bool, diag_offset: int):
     """The partial forward (see above) of any backend, from its tile primitives."""
-    _check_partial(img, txt, diag_offset)
+    check_partial(img, txt, diag_offset)
     m, n = img.shape[0], txt.shape[0]
     acc = accumulation_dtype(img.dtype)
     inv_i, _ = tiles.row_norms(img, normalize)
@@ -147,7 +147,7 @@ def tiled_partial_forward(tiles: ContrastiveTiles, img, txt, logit_scale, normal
 def tiled_partial_backward(tiles: ContrastiveTiles, img, txt, logit_scale, lse_rows, lse_cols, row_coef, col_coef,
                            normalize: bool, diag_offset: int):
     """The partial backward (see above) of any backend, from its tile primitives."""
-    _check_partial(img, txt, diag_offset)
+    check_partial(img, txt, diag_offset)
     m, n = img.shape[0], txt.shape[0]
     acc = accumulation_dtype(img.dtype)
     inv_i, norm_i = tiles.row_norms(img, normalize)

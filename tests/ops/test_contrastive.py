@@ -133,6 +133,77 @@ def test_torch_partial_kernels_match_oracle(monkeypatch):
         REF_KERNELS["contrastive_partial_forward"](img, txt, scale, True, n - m + 1)
 
 
+def test_small_problems_take_the_direct_path(monkeypatch):
+    """The embedded trainer's B = 64, E = 128 takes the direct path (forward and backward); a batch whose logits
+    exceed DIRECT_ELEMENTS takes the tile driver."""
+    calls = []
+    for name, fn in list(ref_contrastive._DIRECT_KERNELS.items()):
+        monkeypatch.setitem(ref_contrastive._DIRECT_KERNELS, name,
+                            lambda *args, _fn=fn, _name=name: calls.append(_name) or _fn(*args))
+    for b, e, direct in ((64, 128, True), (257, 8, False)):
+        calls.clear()
+        img, txt = torch.randn(b, e, requires_grad=True), torch.randn(b, e, requires_grad=True)
+        assert ref_contrastive.takes_direct_path(img, txt) == direct
+        loss = ops.contrastive_loss(img, txt, torch.tensor(2.6592, requires_grad=True), backend="torch")
+        loss.backward()
+        assert calls == (["contrastive_forward", "contrastive_backward"] if direct else [])
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_direct_path_matches_the_tiled_path_and_the_oracle(normalize, dtype):
+    """At the main job's shape both paths apply: the direct kernels against the tile driver's (same outputs) and
+    the loss and gradients against the float64 oracle."""
+    img, txt = features(64, 128)
+    img, txt = img.to(dtype), txt.to(dtype)
+    img[5] *= 1e-14  # a row below the norm clamp: the normalisation backward's clamped branch
+    scale = torch.tensor(2.6592, dtype=dtype)
+    tiled = ref_contrastive._CPU_KERNELS
+    assert ref_contrastive.takes_direct_path(img, txt)
+    exact = 1e-12 if dtype == torch.float64 else 2e-6
+    got = ref_contrastive.direct_forward(img, txt, scale, normalize)
+    want = tiled["contrastive_forward"](img, txt, scale, normalize)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        assert_rel(g, w, exact, floor=0)
+    grad = torch.tensor(0.7, dtype=dtype)
+    got = ref_contrastive.direct_backward(grad, img, txt, scale, want[1], want[2], normalize)
+    want = tiled["contrastive_backward"](grad, img, txt, scale, want[1], want[2], normalize)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        assert_rel(g, w, 10 * exact, floor=1e-14 if dtype == torch.float64 else 1e-9)
+    oracle_loss, oracle_grads = loss_and_grads(oracle, img.double(), txt.double(), scale.double(), torch.float64,
+                                               normalize=normalize)
+    loss, grads = loss_and_grads(ops.contrastive_loss, img, txt, scale, dtype, normalize=normalize, backend="torch")
+    assert_rel(loss, oracle_loss, exact, floor=0)
+    for g, w in zip(grads, oracle_grads):
+        assert_rel(g, w, 10 * exact, floor=1e-14 if dtype == torch.float64 else 1e-9)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_direct_partial_kernels_match_oracle(normalize):
+    """The partial (distributed) kernels on the direct path: rows against more columns, a diagonal offset, and
+    per-row / per-column coefficients, in float64."""
+    m, n, e, offset = 9, 40, 12, 31
+    img, txt = torch.randn(m, e, dtype=torch.float64), torch.randn(n, e, dtype=torch.float64)
+    assert ref_contrastive.takes_direct_path(img, txt)
+    scale = torch.tensor(0.7, dtype=torch.float64)
+    row_coef, col_coef = _coefficients(m, n, offset)
+    i, s = img.clone().requires_grad_(True), scale.clone().requires_grad_(True)
+    t_n = (F.normalize(txt, dim=-1) if normalize else txt.clone()).requires_grad_(True)
+    value, pieces = partial_oracle(i, t_n, s, normalize, offset, row_coef, col_coef)
+    want = torch.autograd.grad(value, (i, t_n, s))
+    got = REF_KERNELS["contrastive_partial_forward"](img, txt, scale, normalize, offset)
+    for g, w in zip(got, pieces):
+        torch.testing.assert_close(g, w.detach(), rtol=1e-12, atol=1e-12)
+    grads = REF_KERNELS["contrastive_partial_backward"](img, txt, scale, got[0], got[1], row_coef, col_coef,
+                                                        normalize, offset)
+    for g, w in zip(grads, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-13)
+    with pytest.raises(ValueError, match="diag_offset"):
+        REF_KERNELS["contrastive_partial_forward"](img, txt, scale, normalize, n - m + 1)
+
+
 def test_torch_tiles_are_bounded_on_a_cpu():
     """The reference's logits tiles hold at most common.chunk_elements(device) values: O(B) memory at B = 8192."""
     tiles = ref_contrastive.TorchTiles(cpu=True)

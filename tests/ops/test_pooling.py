@@ -101,6 +101,30 @@ def test_patch_pool_fp32_with_offset_tokens_matches_float64(normalize):
         assert _rel_err(got, exp) < 1e-5
 
 
+@pytest.mark.parametrize("normalize", [False, True])
+def test_patch_pool_main_job_shape_single_chunk_matches_chunked_and_float64(normalize, monkeypatch):
+    """The embedded trainer's 64x65x64 (no registers) is one chunk, computed without the chunk loop's copies; it
+    agrees with the chunked path and with the float64 oracle."""
+    g = torch.Generator().manual_seed(4)
+    tokens64 = torch.randn(64, 65, 64, generator=g, dtype=torch.float64) * 1.5 + 0.3
+    w64, b64 = torch.randn(64, generator=g, dtype=torch.float64) * 0.5 + 1, torch.randn(64, generator=g,
+                                                                                        dtype=torch.float64)
+    grad = torch.randn(64, 128, generator=g, dtype=torch.float64)
+    inputs = [t.float().requires_grad_() for t in (tokens64, w64, b64)]
+    assert len(ref_pooling._batch_chunks(inputs[0])) == 1
+    out, grads = run(*inputs, 0, normalize, grad, "torch")
+    want, want_grads = run(*exact_copies(*inputs), 0, normalize, grad, "eager")
+    assert _rel_err(out, want) < 1e-6
+    for got, exp in zip(grads, want_grads):
+        assert _rel_err(got, exp) < 1e-5
+    monkeypatch.setattr(common, "CHUNK_ELEMENTS", 10 * 65 * 64)  # chunks of 10 samples
+    assert len(ref_pooling._batch_chunks(inputs[0])) == 7
+    chunked, chunked_grads = run(*inputs, 0, normalize, grad, "torch")
+    torch.testing.assert_close(chunked, out, rtol=1e-6, atol=1e-6)
+    for got, exp in zip(chunked_grads, grads):
+        torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-5 * float(exp.abs().max()))
+
+
 def test_patch_pool_low_precision_and_errors():
     tokens = torch.randn(2, 10, 16)
     out = ops.patch_pool(tokens.bfloat16(), num_registers=4)
