@@ -245,10 +245,11 @@ def setup(run: Run) -> Bench:
 
     args, device, cpu = run.args, run.device, run.device.type == "cpu"
     # CPU smoke runs: a tiny batch of tiny images (the Triton interpreter takes seconds per step even so), in fp32
-    # (the interpreter's bf16 dots are wrong); CUDA keeps the config's sizes and precision policy.
+    # (the interpreter's bf16 dots are wrong); CUDA keeps the config's sizes and precision policy. The head's attention
+    # trains, as in the paper's step that step_flops counts (the tiny config freezes it: issue #13).
     cfg = load_config(args.config, device=device.type, batch_size=args.batch_size or (4 if cpu else None),
                       image_size=args.image_size or (32 if cpu else None),
-                      precision=args.precision or ("fp32" if cpu else None))
+                      precision=args.precision or ("fp32" if cpu else None), head_attention=True)
     precision = cfg.precision if cfg.precision != "auto" else ("fp32" if cpu else "bf16")
     print(f"train benchmark on {run.env.get('gpu', run.env.get('cpu', 'cpu'))}: config {args.config}, batch "
           f"{cfg.batch_size}, {precision}", flush=True)

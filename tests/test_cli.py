@@ -235,7 +235,7 @@ def test_backend_flag_routes_the_ops(capsys, files, monkeypatch):
 # ------------------------------------------------------------------------------------ the model folder (--model)
 # tests/train/test_loop.py's SMALL config: a 32-wide model on 32 px images, trained for 2 steps.
 TRAIN_TINY = ["batch_size=8", "steps=2", "model.vision_dim=32", "model.text_dim=32", "image_size=32",
-              "data=synthetic:16", "eval_data=null", "log_every=1", "device=cpu"]
+              "data=synthetic:16", "eval_data=null", "backbone_weights=null", "log_every=1", "device=cpu"]
 
 
 def console(*argv, timeout=300):

@@ -46,6 +46,7 @@ def take_overrides(args, extra: list[str]) -> list[str]:
 def run(args) -> int:
     from ..train import ConfigError, TrainingStopped, load_config, train
     from ..train.checkpoint import find_checkpoint
+    from ..train.metrics import results_line
 
     config = args.config or DEFAULT_CONFIG
     if args.resume is not None and "=" in args.resume and not Path(args.resume).exists():
@@ -77,26 +78,21 @@ def run(args) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         if summary.get("nothing_to_do"):
             print(f"nothing to do: {out} already finished step {summary['step']} of {cfg.steps}; "
-                  f"{final_numbers(summary, out / 'metrics.jsonl')}")
+                  f"{final_loss(summary)}")
         print(json.dumps(summary))
         print(f"outputs in {out}: config.yaml, metrics.jsonl, checkpoints/, plots/"
               + (", model/" if "model" in summary else ""))
         if "model" in summary:
             print(f"the trained model: {summary['model']} (use it with --model {summary['model']}, e.g. "
                   f"{PROG} classify IMAGE --classes a,b --model {summary['model']})")
+        results = results_line(out / "metrics.jsonl")
+        if results and summary["status"] == "completed":  # the last thing printed: what the run achieved
+            print(results)
         if summary["status"] == "interrupted":
             print(f"{PROG} train: interrupted at step {summary['step']} (checkpoint {summary['checkpoint']}); "
                   "run the same command with --resume to continue", file=sys.stderr)
     return 0 if summary["status"] == "completed" else 128 + summary.get("signal", 0)
 
 
-def final_numbers(summary: dict, metrics_path: Path) -> str:
-    """The run's last logged numbers, metrics in percent with their sign (metrics.jsonl keeps the fractions)."""
-    from ..train.metrics import last_logged
-
-    parts = [f"final loss {summary['final_loss']:.4f}"] if summary.get("final_loss") is not None else []
-    for key, label in (("zero_shot_top1", "zero-shot top-1"), ("miou", "mIoU")):
-        value = last_logged(metrics_path, key)
-        if value is not None:
-            parts.append(f"{label} {100 * value:.1f}%")
-    return ", ".join(parts) or "no metrics logged"
+def final_loss(summary: dict) -> str:
+    return f"final loss {summary['final_loss']:.4f}" if summary.get("final_loss") is not None else "no loss logged"

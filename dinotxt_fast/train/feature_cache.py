@@ -43,7 +43,7 @@ def _fingerprint(model, cfg: TrainConfig, precision: str) -> dict:
                                                  "pos_embed_antialias", "rope_base", "context_length")}
     return {"data": cfg.data, "image_size": cfg.image_size, "seed": cfg.seed, "vision": vision,
             "precision": precision, "backbone_weights": cfg.backbone_weights, "backbone_signature": signature,
-            "format": 1}
+            "format": 2}  # 2: the embedded train split holds object-free images (synthetic.background_share)
 
 
 def build_feature_cache(model, cfg: TrainConfig, directory: Path, device: torch.device, precision: str, d,

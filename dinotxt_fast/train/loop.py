@@ -27,9 +27,10 @@ from torch import nn
 
 from .. import ops
 from ..inference.zeroshot import autocast
+from ..models._state import StateDictError
 from ..models.dinotxt import DinoTxt, create_model
 from . import checkpoint as ckpt
-from .config import PRECISION_DTYPES, TrainConfig, save_config
+from .config import EMBEDDED_PREFIX, PRECISION_DTYPES, ConfigError, TrainConfig, save_config
 from .distributed import (
     agree_on_step, average_gradients, full_model_state, full_state, gather_objects, load_full_state,
     setup_distributed, wrap_trainable,
@@ -132,8 +133,19 @@ def build_model(cfg: TrainConfig, device: torch.device, precision: str) -> DinoT
     overrides = {k: v for k, v in model_cfg.to_dict().items()}
     model = create_model(cfg.preset, **overrides)
     if cfg.backbone_weights:
-        model.load_official(backbone=cfg.backbone_weights)
+        try:
+            model.load_official(backbone=cfg.backbone_path())
+        except StateDictError as exc:
+            if not cfg.backbone_weights.startswith(EMBEDDED_PREFIX):
+                raise
+            first = " ".join(line.strip() for line in str(exc).splitlines()[1:3])  # one line: the first mismatch
+            raise ConfigError(f"backbone_weights={cfg.backbone_weights} does not fit this model ({first}): it is the "
+                              "tiny config's backbone; set backbone_weights=null for a random one") from None
     model.backbone.requires_grad_(False)  # LiT: the backbone is frozen and runs without autograd state
+    if not cfg.head_attention:  # why: TrainConfig.head_attention (the head broadcasts the caption to every patch)
+        for block in model.head.blocks:
+            block.attn.requires_grad_(False)
+            block.ls1.requires_grad_(False)
     # Its weights stay fp32 and run under autocast like the rest: bf16 weights would double the backbone's error.
     return model.to(device)
 
@@ -398,7 +410,7 @@ def load_trained_model(checkpoint_path, device: str = "cpu") -> DinoTxt:
 
     state = ckpt.load_checkpoint(Path(checkpoint_path))
     cfg = TrainConfig(**{**state["config"], "device": device})
-    if cfg.backbone_weights and not Path(cfg.backbone_weights).exists():  # a file, or a transformers folder
+    if cfg.backbone_weights and not Path(cfg.backbone_path()).exists():  # a file, or a transformers folder
         raise FileNotFoundError(f"{checkpoint_path} was trained on the backbone {cfg.backbone_weights}, "
                                 "which is not there any more")
     model = build_model(cfg, torch.device(device), "fp32")

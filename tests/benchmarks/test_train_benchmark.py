@@ -96,7 +96,8 @@ def test_step_flops_equal_the_counted_flops_of_the_eager_step(monkeypatch):
 
     monkeypatch.setattr(bench_train, "attention_through_sdpa", patched)
     batch, size = 6, 32
-    cfg = load_config("tiny", device="cpu", batch_size=batch, image_size=size, precision="fp32", drop_path=0.0)
+    cfg = load_config("tiny", device="cpu", batch_size=batch, image_size=size, precision="fp32", drop_path=0.0,
+                      head_attention=True)
     bench = bench_train.Bench(torch, cfg, torch.device("cpu"), "fp32")
     mcfg = bench.model.config
     make = bench_train.make_batch_factory(torch, batch, size, mcfg.context_length, bench_train.CPU_CASES[0],

@@ -107,7 +107,7 @@ def test_the_trainer_takes_the_presets(name, tmp_path):
     out = tmp_path / "run"
     code = cli.main(["train", "--preset", name, "--out", str(out), "--no-progress", "batch_size=4", "steps=1",
                      "model.vision_dim=32", "model.text_dim=32", "image_size=32", "data=synthetic:8",
-                     "eval_data=null", "log_every=1", "device=cpu", "num_workers=0"])
+                     "eval_data=null", "log_every=1", "device=cpu", "num_workers=0", "backbone_weights=null"])
     assert code == 0  # 0: the run completed
     cfg = load_config(str(out / "config.yaml"))
     assert cfg.preset == name and cfg.model_config().vision_ffn == PUBLISHED[name][3]

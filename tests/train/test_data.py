@@ -84,6 +84,8 @@ def test_synthetic_caption_names_exactly_the_mask_colours():
         mask_colours = {SEGMENTATION_CLASS_NAMES[c] for c in np.unique(item["mask"]) if c != 0}
         assert caption_colours == mask_colours, (item["caption"], mask_colours)
         assert caption_colours == {c for c, _, _ in item["objects"]}
+        if not item["objects"]:  # an object-free sample (test_synthetic_background_only_samples)
+            continue
         main_colour, main_shape, _ = item["objects"][0]
         assert item["label"] == COLOURS.index(main_colour)
         assert ds.class_names[item["label"]] == main_colour
@@ -98,6 +100,39 @@ def test_synthetic_caption_names_exactly_the_mask_colours():
         bg = pixels[item["mask"] == 0]
         assert (bg.max(axis=1) - bg.min(axis=1)).max() <= 40
     assert 10 < multi < 50  # both single- and multi-object images occur
+
+
+def test_synthetic_background_only_samples():
+    """The train split holds DEFAULT_BACKGROUND_SHARE object-free images captioned as a background (the segmentation
+    prompt "the background." then has a target, issue #13); the val split, hence every evaluation set, has none;
+    which samples is drawn on its own, so the others are the images they were without the share."""
+    from dinotxt_fast.train.synthetic import BACKGROUND_CAPTIONS, BACKGROUNDS, DEFAULT_BACKGROUND_SHARE
+
+    n = 400
+    train, plain = SyntheticShapes(n, 32, seed=0), SyntheticShapes(n, 32, seed=0, background_share=0.0)
+    empty = [i for i in range(n) if not train[i]["objects"]]
+    assert abs(len(empty) / n - DEFAULT_BACKGROUND_SHARE) < 0.04 and train.background_share == 0.1
+    for i in empty[:5]:
+        item = train[i]
+        assert item["label"] == -1 and set(item["labels"].values()) == {-1}
+        assert item["mask"].dtype == np.int64 and item["mask"].shape == (32, 32) and not item["mask"].any()
+        assert any(item["caption"] == c.format(background=b) for c in BACKGROUND_CAPTIONS for b in BACKGROUNDS)
+        assert not {w.strip(".") for w in item["caption"].split()} & set(COLOURS)
+        pixels = np.asarray(item["image"]).astype(int)
+        assert (pixels.max(axis=2) - pixels.min(axis=2)).max() <= 40  # a muted background, no object colour
+    for i in range(20):
+        if train[i]["objects"]:
+            assert train[i]["caption"] == plain[i]["caption"]
+            assert np.array_equal(np.asarray(train[i]["image"]), np.asarray(plain[i]["image"]))
+    assert all(plain[i]["objects"] for i in range(n))
+    val = SyntheticShapes(n, 32, seed=0, split="val")
+    assert val.background_share == 0.0 and all(val[i]["objects"] for i in range(n))
+    seg = build_segmentation_set(64, 32)
+    assert all((m > 0).any() for m in seg.masks)  # every evaluation image shows an object
+    assert SyntheticShapes(8, 32, background_share=0.5).background_share == 0.5
+    for bad in (1.0, -0.1, True):
+        with pytest.raises(ValueError, match="background_share"):
+            SyntheticShapes(8, 32, background_share=bad)
 
 
 def test_synthetic_label_sets():

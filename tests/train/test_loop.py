@@ -30,9 +30,10 @@ from dinotxt_fast.train.metrics import read_metrics
 REPO = Path(__file__).resolve().parents[2]
 LN100 = math.log(100.0)
 
-# The tiny config made smaller still; later overrides win over earlier ones.
+# The tiny config made smaller still (so with a random backbone: the embedded one is 64 wide); later overrides win.
 SMALL = ["batch_size=8", "steps=4", "model.vision_dim=32", "model.text_dim=32", "image_size=32",
-         "data=synthetic:64", "eval_samples=16", "seg_eval_images=2", "log_every=1", "device=cpu"]
+         "data=synthetic:64", "eval_samples=16", "seg_eval_images=2", "log_every=1", "device=cpu",
+         "backbone_weights=null"]
 
 
 def _cfg(*overrides):
@@ -108,6 +109,8 @@ def test_short_run_writes_every_output(tmp_path):
     (ev,) = _eval_records(out)  # eval_every > steps: one evaluation, at the last step
     assert ev["step"] == 4 and ev["num_classes"] == 8
     assert 0 <= ev["zero_shot_top1"] <= 1 and 0 <= ev["miou"] <= 1
+    assert ev["zero_shot_chance"] == 1 / 8 and 0 < ev["miou_baseline_majority"] <= 1
+    assert 0 < ev["miou_baseline_background"] <= ev["miou_baseline_majority"]  # background is one candidate
 
     state = _last(out)
     assert state["step"] == 4 and summary["checkpoint"].endswith("step_00000004.pt")
@@ -121,16 +124,27 @@ def test_short_run_writes_every_output(tmp_path):
                                                                                         "last.pt").state_dict(), atol=0)
 
 
-def test_backbone_is_frozen_and_the_trained_parts_move(tmp_path):
-    cfg = _cfg()
-    _run(tmp_path / "run")
+@pytest.mark.parametrize("head_attention", [True, False])
+def test_backbone_is_frozen_and_the_trained_parts_move(tmp_path, head_attention):
+    """head_attention=false (the tiny default, issue #13) keeps the head's attention and its LayerScale at init
+    and trains the rest; true trains them too."""
+    cfg = _cfg(f"head_attention={str(head_attention).lower()}")
+    _run(tmp_path / "run", f"head_attention={str(head_attention).lower()}", "eval_data=null")
     torch.manual_seed(cfg.seed)  # the trainer's initialisation
     initial = build_model(cfg, torch.device("cpu"), "fp32")
     trained = load_trained_model(tmp_path / "run" / "checkpoints" / "last.pt")
     _assert_state_close(trained.backbone.state_dict(), initial.backbone.state_dict(), atol=0)
-    assert not torch.equal(trained.head.blocks[0].attn.qkv.weight, initial.head.blocks[0].attn.qkv.weight)
+    for b_trained, b_initial in zip(trained.head.blocks, initial.head.blocks):
+        attention = {**{f"attn.{k}": v for k, v in b_trained.attn.state_dict().items()},
+                     **{f"ls1.{k}": v for k, v in b_trained.ls1.state_dict().items()}}
+        moved = {k for k, v in attention.items() if not torch.equal(v, b_initial.state_dict()[k])}
+        assert moved == (set(attention) if head_attention else set()), moved
+        assert not torch.equal(b_trained.mlp.w1.weight, b_initial.mlp.w1.weight)
     assert not torch.equal(trained.text.head.linear_projection.weight,
                            initial.text.head.linear_projection.weight)
+    lit = LiTModule(initial)
+    assert any(n.startswith("head.blocks.0.attn") for g in param_groups(lit, 0.1) for n, p in lit.named_parameters()
+               if any(p is q for q in g["params"])) == head_attention  # frozen ones are not in the optimizer
 
 
 @pytest.mark.parametrize("init, expected", [(10.0, LN100), (-3.0, 0.0)])
@@ -176,8 +190,7 @@ def test_the_run_uses_those_groups(tmp_path):
     _run(tmp_path / "run", "steps=1", "weight_decay=0.05", "eval_data=null")
     groups = _last(tmp_path / "run")["optimizer"]["param_groups"]
     assert [g["weight_decay"] for g in groups] == [0.05, 0.0]
-    model = create_model("dinov2_vitl14_reg4_dinotxt", **_cfg().model)
-    lit = LiTModule(model)
+    lit = LiTModule(build_model(_cfg(), torch.device("cpu"), "fp32"))  # the run's model: what head_attention froze
     expected = [len(g["params"]) for g in param_groups(lit, 0.05)]
     assert [len(g["params"]) for g in groups] == expected
 

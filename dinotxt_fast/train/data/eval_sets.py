@@ -1,5 +1,5 @@
 """The evaluation sets of the trainer: zero-shot classification (the embedded val split or an image folder) and
-open-vocabulary segmentation (the embedded val split with its masks)."""
+open-vocabulary segmentation (the embedded val split with its masks, and the baselines its masks give)."""
 from __future__ import annotations
 
 import math
@@ -8,6 +8,7 @@ from typing import Callable, Iterator, NamedTuple, Optional, Union
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ...inference import mean_iou
 from ...inference.images import to_tensor
 from ..synthetic import SyntheticShapes
 from ..transforms import EvalTransform
@@ -101,11 +102,20 @@ def build_zero_shot_set(spec_or_none: Optional[str] = None, image_size: int = 22
 
 
 def build_segmentation_set(num_images: int, image_size: int = 224, *, seed: int = 0) -> SegmentationSet:
-    """`num_images` images of the embedded val split (1-3 objects) with their masks: class 0 is background,
-    1 + c the colour c of `SyntheticShapes` (open-vocabulary segmentation by colour name)."""
+    """`num_images` images of the embedded val split (1-3 objects, never an object-free one) with their masks:
+    class 0 is background, 1 + c the colour c of `SyntheticShapes` (open-vocabulary segmentation by colour name).
+    The same (num_images, image_size, seed) give the same set everywhere."""
     check_int("num_images", num_images, 1)
     data = SyntheticShapes(num_images, image_size, seed, "val")
     items = [data[i] for i in range(num_images)]
     images = torch.stack([to_tensor(item["image"]) for item in items])
     masks = torch.stack([torch.from_numpy(item["mask"]) for item in items])
     return SegmentationSet(images, masks, list(data.segmentation_class_names), tuple(data.segmentation_templates))
+
+
+def segmentation_baselines(masks: torch.Tensor, num_classes: int) -> dict[str, float]:
+    """The mIoU of two label maps that look at no image: every pixel "background" (class 0), and every pixel the
+    most frequent class of `masks` (int64 [N, H, W]); a model must beat both to have learned anything."""
+    majority = int(torch.bincount(masks.reshape(-1), minlength=num_classes).argmax())
+    return {"miou_baseline_background": mean_iou(torch.zeros_like(masks), masks, num_classes)[0],
+            "miou_baseline_majority": mean_iou(torch.full_like(masks, majority), masks, num_classes)[0]}
