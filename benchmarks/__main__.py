@@ -37,7 +37,8 @@ def parse_args(argv=None, prog: str = "python -m benchmarks") -> argparse.Namesp
                         help=f"any of {', '.join(BENCHMARKS)}, or all (default)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None,
                         help="cuda: the real benchmark (default when a GPU is present); cpu: smoke runs of tiny "
-                             "shapes, Triton under its interpreter (not performance figures)")
+                             "shapes, Triton under its interpreter (not performance figures), except `reference`, "
+                             "whose CPU run is the measurement of the torch backend against naive PyTorch")
     parser.add_argument("--quick", action="store_true", help="reduced case lists and repetitions (GPU suite: < 9 min)")
     parser.add_argument("--out", default=str(RESULTS_DIR), help="results folder")
     parser.add_argument("--no-report", action="store_true", help="skip REPORT.md and the plots")

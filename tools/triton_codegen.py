@@ -631,6 +631,9 @@ def main(argv=None) -> int:
     jobs = plan(record(cases, dtypes))
     if args.kernels:
         wanted = set(args.kernels.split(","))
+        unknown = wanted - {j.kernel for j in jobs}
+        if unknown:
+            parser.error(f"--kernels: no such kernel in the planned cases: {', '.join(sorted(unknown))} (see --list)")
         jobs = [j for j in jobs if j.kernel in wanted]
     if args.fixed_only:
         jobs = [j for j in jobs if j.fixed]

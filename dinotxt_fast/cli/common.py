@@ -241,11 +241,10 @@ def check_image_files(paths: Sequence[str], what: str = "image") -> None:
     corrupt file is reported in a second, not after the model has loaded. Decoding waits for the image's batch."""
     from PIL import Image, UnidentifiedImageError
 
+    from ..inference.images import require_file
+
     for path in paths:
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{what} file not found: {path}")
-        if os.path.isdir(path):
-            raise IsADirectoryError(f"expected an {what} file, got a directory: {path}")
+        require_file(path, what)
         try:
             with Image.open(path) as img:
                 img.verify()

@@ -20,13 +20,19 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 PathLike = Union[str, os.PathLike]
 
 
-def load_image(path: PathLike) -> Image.Image:
-    """Open and fully decode an image file as RGB; errors name the file."""
+def require_file(path: PathLike, what: str = "image") -> str:
+    """path as a str, once it names an existing file (errors say what was expected and name the path)."""
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"image file not found: {path}")
+        raise FileNotFoundError(f"{what} file not found: {path}")
     if os.path.isdir(path):
-        raise IsADirectoryError(f"expected an image file, got a directory: {path}")
+        raise IsADirectoryError(f"expected an {what} file, got a directory: {path}")
+    return path
+
+
+def load_image(path: PathLike) -> Image.Image:
+    """Open and fully decode an image file as RGB; errors name the file."""
+    path = require_file(path)
     try:
         with Image.open(path) as img:
             img.load()  # decode now: truncated files fail here, not later

@@ -80,3 +80,8 @@ def test_committed_tables_are_clean(version):
     assert {row["dtype"] for row in rows} == {"bfloat16", "float16", "float32"}
     for kernel in KERNELS:
         assert any(row["fixed"] for row in rows if row["kernel"] == kernel), f"{kernel}: no fixed configuration"
+
+
+def test_an_unknown_kernel_name_is_refused():
+    done = _tool("--kernels", "_delta_kernel,_no_such_kernel", "--list")
+    assert done.returncode == 2 and "_no_such_kernel" in done.stderr and "_delta_kernel" not in done.stderr
